@@ -20,13 +20,10 @@ continues with ` answer</s>`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -43,6 +40,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+
+from memoir.cache import build_once, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -427,17 +426,6 @@ def _is_complete(directory: Path) -> bool:
     return marker.get("name") == BUILTIN_NAME
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (blocks until other holders release it)."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def builtin_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Directory of the built-in tiny trained Llama, training it once if it is missing.
 
@@ -445,27 +433,10 @@ def builtin_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
     writes into a temporary directory that is renamed into place when complete, under a file
     lock, so concurrent callers wait for one training and never see a half-written model.
     """
-    root = Path(cache_dir or os.environ.get("MEMOIR_CACHE") or Path.home() / ".cache" / "memoir")
-    target = root / BUILTIN_NAME
-    if _is_complete(target):
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / f"{BUILTIN_NAME}.lock"):
-        if _is_complete(target):  # another process finished it while we waited
-            return target
-        for stale in root.glob(f".{BUILTIN_NAME}.tmp-*"):  # left by a crash; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        if target.exists():  # incomplete or foreign: replace it
-            shutil.rmtree(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_NAME}.tmp-", dir=root))
-        try:
-            logger.info("training the built-in tiny model into %s", target)
-            train_qa_model(tmp)
-            marker = json.loads((tmp / MARKER_FILE).read_text())
-            (tmp / MARKER_FILE).write_text(json.dumps({"name": BUILTIN_NAME, **marker}, indent=2) + "\n")
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
+    def build(tmp: Path) -> None:
+        logger.info("training the built-in tiny model into %s", tmp.parent / BUILTIN_NAME)
+        train_qa_model(tmp)
+        marker = json.loads((tmp / MARKER_FILE).read_text())
+        (tmp / MARKER_FILE).write_text(json.dumps({"name": BUILTIN_NAME, **marker}, indent=2) + "\n")
+
+    return build_once(cache_root(cache_dir), BUILTIN_NAME, build, _is_complete)
