@@ -339,10 +339,9 @@ class Editor:
         previous = self.memory.enabled
         self.memory.enabled = use_memory
         try:
-            with self.memory.decision_held():
-                out = self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                          max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
-                                          pad_token_id=self.codec.pad_id)
+            out = self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
+                                      pad_token_id=self.codec.pad_id)
         finally:
             self.memory.enabled = previous
         new = out[:, batch.input_ids.shape[1] :]

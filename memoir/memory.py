@@ -10,8 +10,9 @@ The decision is taken once per sequence at prefill and holds for the tokens gene
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -201,34 +202,64 @@ class ResidualMemory(nn.Module):
         self.last = None
 
 
-def _past_length(past) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    return int(past[0][0].shape[-2])  # legacy tuple cache
+def _past_length(kwargs: dict, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> int:
+    """How many tokens the model has already seen for this call: > 0 on a decoding step.
+
+    Read from whatever the model calls its KV cache (`past_key_values`, transformers 5's `cache`,
+    a legacy tuple), else from an attention mask longer than the input: a decoding step is never
+    mistaken for a new prompt because of how one version of transformers names an argument."""
+    for value in kwargs.values():
+        if hasattr(value, "get_seq_length"):
+            return int(value.get_seq_length())
+    legacy = kwargs.get("past_key_values")
+    if isinstance(legacy, (tuple, list)) and legacy and legacy[0] is not None:
+        return int(legacy[0][0].shape[-2])
+    if input_ids is not None and attention_mask is not None and attention_mask.ndim == 2:
+        return max(0, attention_mask.shape[-1] - input_ids.shape[-1])
+    return 0
 
 
 def _prefill_hook(memory: ResidualMemory):
     def hook(module: nn.Module, args: tuple, kwargs: dict):
-        if _past_length(kwargs.get("past_key_values")) == 0:
-            mask = kwargs.get("attention_mask")
-            if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-                mask = args[1]
+        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if ids is None and args and isinstance(args[0], torch.Tensor):
+            ids = args[0]
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]
+        if _past_length(kwargs, ids, mask) == 0:
             memory.new_prompt(mask.bool() if mask is not None else None)
         return None
 
     return hook
 
 
+def _deciding_once(generate: Callable, memory: ResidualMemory) -> Callable:
+    """`model.generate` with the retrieval decision taken at its prefill and held to the end, so
+    generating with or without a KV cache (where each step re-reads the whole sequence) gives
+    the same decision from the same prompt."""
+
+    @functools.wraps(generate)
+    def generate_held(*args, **kwargs):
+        with memory.decision_held():
+            return generate(*args, **kwargs)
+
+    return generate_held
+
+
 def attach(model: nn.Module, memory: ResidualMemory) -> ResidualMemory:
-    """Put `memory` in place of its projection inside `model` (the base weights stay untouched)."""
+    """Put `memory` in place of its projection inside `model` (the base weights stay untouched).
+
+    Every way of running the model decides retrieval the same way: a pre-forward hook marks each
+    new prompt, and `model.generate` holds the prompt's decision for all the tokens it generates."""
     parent_path, _, name = memory.site.module_path.rpartition(".")
     parent = model.get_submodule(parent_path)
     if getattr(parent, name) is not memory.base:
         raise ValueError(f"{memory.site.module_path} is not the module this memory wraps")
     setattr(parent, name, memory)
     memory._hook = model.register_forward_pre_hook(_prefill_hook(memory), with_kwargs=True)
+    if callable(getattr(model, "generate", None)):
+        model.generate = _deciding_once(model.generate, memory)
     return memory
 
 
@@ -237,6 +268,7 @@ def detach(model: nn.Module, memory: ResidualMemory) -> nn.Module:
     parent_path, _, name = memory.site.module_path.rpartition(".")
     setattr(model.get_submodule(parent_path), name, memory.base)
     memory._hook.remove()
+    vars(model).pop("generate", None)  # back to the class's own generate
     return memory.base
 
 

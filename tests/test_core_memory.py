@@ -197,6 +197,41 @@ def test_generate_with_and_without_cache_agree(edited):
     assert cached[0].startswith(EDITS[0][2]) and cached[2].startswith(EDITS[1][2])
 
 
+def test_a_users_own_generate_and_decoding_loop_decide_as_the_editor(edited):
+    """`model.generate` called directly (what `memoir serve` and users call), with or without a KV
+    cache, one prompt or a left-padded batch, and a hand-written decoding loop over the cache, all
+    take the retrieval decision from the prompt and give the editor's tokens."""
+    prompts = [EDITS[0][0], UNRELATED[0], EDITS[1][0], EDITS[2][1], UNRELATED[2], EDITS[2][0]]
+    expected = edited.generate(prompts, max_new_tokens=8)
+    expected_edits = edited.memory.retrieved_edits()
+    model, pad = edited.model, edited.codec.pad_id
+
+    def decode(out: torch.Tensor, start: int) -> list[str]:
+        return [edited.tokenizer.decode(row[start:], skip_special_tokens=True).strip() for row in out]
+
+    batch = edited.batch(prompts, left_pad=True)
+    for use_cache in (True, False):
+        out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=8,
+                             do_sample=False, use_cache=use_cache, pad_token_id=pad)
+        assert decode(out, batch.input_ids.shape[1]) == expected, f"use_cache={use_cache}"
+        assert edited.memory.retrieved_edits() == expected_edits
+    for i, prompt in enumerate(prompts):
+        single = edited.batch([prompt])
+        out = model.generate(input_ids=single.input_ids, max_new_tokens=8, do_sample=False, pad_token_id=pad)
+        assert decode(out, single.input_ids.shape[1]) == [expected[i]], prompt
+        assert edited.memory.retrieved_edits() == [expected_edits[i]], prompt
+    # greedy decoding by hand: one prefill, then one token at a time through the cache
+    single = edited.batch([prompts[0]])
+    with torch.no_grad():
+        step = model(input_ids=single.input_ids, use_cache=True)
+        tokens = [int(step.logits[0, -1].argmax())]
+        for _ in range(7):
+            step = model(input_ids=torch.tensor([[tokens[-1]]]), cache=step.past_key_values, use_cache=True)
+            tokens.append(int(step.logits[0, -1].argmax()))
+    assert edited.memory.retrieved_edits() == [expected_edits[0]]
+    assert edited.tokenizer.decode(tokens, skip_special_tokens=True).strip() == expected[0]
+
+
 # --------------------------------------------------------------------------- save / load, new process
 
 CHILD = textwrap.dedent(
