@@ -179,7 +179,7 @@ class Editor:
     # -- batches ---------------------------------------------------------------------------
     def batch(self, prompts: Sequence[str], targets: Sequence[str] | None = None, left_pad: bool = False) -> TokenBatch:
         targets = targets if targets is not None else [None] * len(prompts)
-        pairs = [(self.codec.prompt_ids(p), self.codec.target_ids(t) if t else []) for p, t in zip(prompts, targets)]
+        pairs = [(self.codec.prompt_ids(p), self.codec.target_ids(p, t) if t else []) for p, t in zip(prompts, targets)]
         return make_batch(pairs, self.codec.pad_id, left_pad=left_pad).to(self.device)
 
     def _background_mean(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:

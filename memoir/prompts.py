@@ -25,21 +25,34 @@ class PromptCodec:
     prompt_format: str = "plain"  # "plain" or "chat" (the tokenizer's chat template)
     prepend_bos: bool = False
 
-    def prompt_ids(self, prompt: str) -> list[int]:
+    def _text(self, prompt: str) -> str:
         if self.prompt_format == "chat":
-            text = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
             )
-        else:
-            text = prompt
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return prompt
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        ids = self._encode(self._text(prompt))
         if self.prepend_bos and self.prompt_format == "plain":  # a chat template places its own BOS
             ids = [self.tokenizer.bos_token_id] + ids
         return ids
 
-    def target_ids(self, target: str) -> list[int]:
-        text = target if self.prompt_format == "chat" else " " + target
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def target_ids(self, prompt: str, target: str) -> list[int]:
+        """The target's ids as the model reads them after the prompt (as EasyEdit computes them):
+        those of `prompt + " " + target` (a chat reply follows its template directly) after the
+        prompt's own ids. Tokenised alone, a target would begin with a word-start token that a
+        SentencePiece tokenizer never produces after the prompt. Where the joined text does not
+        split at the prompt's end, the target is tokenised on its own."""
+        text = self._text(prompt)
+        joined = target if self.prompt_format == "chat" else " " + target
+        head, whole = self._encode(text), self._encode(text + joined)
+        if whole[: len(head)] == head and len(whole) > len(head):
+            return whole[len(head) :]
+        return self._encode(joined)
 
     @property
     def pad_id(self) -> int:
