@@ -66,6 +66,7 @@ CHAT_TEMPLATE = (
 
 BUILTIN_NAME = "tiny-llama-v1"
 MARKER_FILE = "memoir-tiny.json"
+SHIPPED_BUILTIN = DATA_DIR / BUILTIN_NAME  # the built-in model as trained here once, shipped with the package
 
 
 # ---------------------------------------------------------------------------------- data
@@ -427,12 +428,17 @@ def _is_complete(directory: Path) -> bool:
 
 
 def builtin_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Directory of the built-in tiny trained Llama, training it once if it is missing.
+    """Directory of the built-in tiny trained Llama.
 
-    The cache root is `cache_dir`, else `$MEMOIR_CACHE`, else `~/.cache/memoir`. Training
-    writes into a temporary directory that is renamed into place when complete, under a file
-    lock, so concurrent callers wait for one training and never see a half-written model.
+    The package ships it (`memoir/data/tiny-llama-v1`, 6 MB, trained once by `train_qa_model`), so
+    it is the same model on every machine. Without the shipped copy, or given `cache_dir`, it is
+    trained once under the cache root (`cache_dir`, else `$MEMOIR_CACHE`, else `~/.cache/memoir`):
+    into a temporary directory renamed into place when complete, under a file lock, so
+    concurrent callers wait for one training and never see a half-written model.
     """
+    if cache_dir is None and _is_complete(SHIPPED_BUILTIN):
+        return SHIPPED_BUILTIN
+
     def build(tmp: Path) -> None:
         logger.info("training the built-in tiny model into %s", tmp.parent / BUILTIN_NAME)
         train_qa_model(tmp)

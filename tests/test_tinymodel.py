@@ -187,6 +187,17 @@ def test_builtin_model_path_is_cached(trained_llama_path, monkeypatch):
     assert json.loads(marker.read_text())["name"] == tinymodel.BUILTIN_NAME
 
 
+def test_the_builtin_model_is_the_shipped_one_on_every_machine():
+    """The package ships the trained weights, so a test's outcome never depends on which machine
+    (or which BLAS) trained the built-in model."""
+    import hashlib
+
+    path = tinymodel.builtin_model_path()
+    assert path == tinymodel.SHIPPED_BUILTIN
+    digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == "13b4f6412cbb089eaa36f1e23f1d0425529785a21158cf04bf1e80934b26185a"
+
+
 def _fake_trainer(calls: list[Path], delay: float = 0.2):
     """Stands in for train_qa_model: slow, and writes its marker last."""
 
