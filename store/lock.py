@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import math
 import os
 import socket
@@ -23,6 +24,8 @@ import peewee as pw
 from store.files import FILE_MODE, private_dir
 from store.models import Tables
 from store.records import FencingError, WriterLockedError, utcnow
+
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
 ADVISORY_NAMESPACE = 0x4D454D4F  # "MEMO": the first int4 key of pg_advisory_lock(int4, int4)
@@ -154,13 +157,24 @@ class WriterLock:
         return self.backend.still_held()
 
     def check(self) -> None:
-        """Fencing: raise FencingError unless this lock is still held and its token still current."""
+        """Fencing: raise FencingError unless this lock is still held and its token still current.
+
+        A PostgreSQL lock lost with its database session (the store reconnected) is taken again,
+        and kept only if no other writer took the memory meanwhile (the token is still ours)."""
+        retaken = False
         if not self.backend.still_held():
-            raise FencingError(f"the writer lock of memory {self.name!r} is no longer held by this process")
+            retaken = isinstance(self.backend, _AdvisoryBackend) and self.backend.try_acquire()
+            if not retaken:
+                raise FencingError(f"the writer lock of memory {self.name!r} is no longer held by this process")
         row = self.tables.Writer.get_or_none(self.tables.Writer.name == self.name)
         if row is None or row.token != self.token:
+            if retaken:
+                self.backend.release()
             holder = f"pid {row.pid} on {row.host}" if row else "nobody"
             raise FencingError(f"memory {self.name!r} was taken over by {holder}; this writer (token {self.token}) must stop")
+        if retaken:
+            log.warning("writer lock of memory %r taken again on a new database session (token %d)", self.name,
+                        self.token)
 
     def release(self) -> None:
         self.backend.release()

@@ -12,6 +12,7 @@ from typing import Any
 import peewee as pw
 
 SCHEMA_VERSION = 1
+SCHEMA_LOCK = (0x4D454D4F, 0x5343484D)  # "MEMO", "SCHM": pg_advisory_xact_lock while the schema is created
 APPEND_ONLY = "the event log is append-only"
 
 
@@ -126,16 +127,33 @@ class Tables:
 
     def create(self) -> None:
         """Create missing tables (the event log guarded by triggers against updates and deletes);
-        refuse a ledger written by a newer schema."""
+        refuse a ledger written by a newer schema.
+
+        Safe when many processes open one ledger at once: a ledger whose schema is complete is
+        only read (no DDL, no lock); otherwise the schema is created in one transaction, under a
+        PostgreSQL advisory lock (SQLite: the write lock), by the first process to get there."""
+        if self._complete():
+            return
         with self.db.atomic():
+            if isinstance(self.db, pw.PostgresqlDatabase):
+                self.db.execute_sql("SELECT pg_advisory_xact_lock(%s::int4, %s::int4)", SCHEMA_LOCK)
+            if self._complete():
+                return
             self.db.create_tables(self.all, safe=True)
             for statement in self._append_only_triggers():
                 self.db.execute_sql(statement)
-            row = self.StoreInfo.get_or_none(self.StoreInfo.key == "schema_version")
-            if row is None:
+            if self.StoreInfo.get_or_none(self.StoreInfo.key == "schema_version") is None:
                 self.StoreInfo.create(key="schema_version", value=str(SCHEMA_VERSION))
-            elif int(row.value) > SCHEMA_VERSION:
-                raise RuntimeError(f"the ledger has schema {row.value}; this code reads up to {SCHEMA_VERSION}")
+
+    def _complete(self) -> bool:
+        """Every table is there and the schema version (written with the triggers, in the same
+        transaction) is this code's; a newer one is refused."""
+        if not {m._meta.table_name for m in self.all} <= set(self.db.get_tables()):
+            return False
+        row = self.StoreInfo.get_or_none(self.StoreInfo.key == "schema_version")
+        if row is not None and int(row.value) > SCHEMA_VERSION:
+            raise RuntimeError(f"the ledger has schema {row.value}; this code reads up to {SCHEMA_VERSION}")
+        return row is not None and int(row.value) == SCHEMA_VERSION
 
     def _append_only_triggers(self) -> list[str]:
         table = self.Event._meta.table_name

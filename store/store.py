@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import peewee as pw
 
+from store import database
 from store.files import FILE_MODE, private_dir, write_content_addressed
 from store.lock import WriterLock
 from store.models import Tables
@@ -140,11 +141,9 @@ class Store:
         target = str(path_or_url or os.environ.get("MEMOIR_STORE") or DEFAULT_STORE)
         tensor_dir = tensor_dir or os.environ.get("MEMOIR_TENSORS") or None
         if "://" in target:
-            from playhouse.db_url import connect
-
             if tensor_dir is None:
                 raise StoreError("a store on a database URL needs a tensor directory (tensor_dir or MEMOIR_TENSORS)")
-            db = connect(target)
+            db = database.connect_url(target)
             if isinstance(db, pw.SqliteDatabase):
                 for key, value in SQLITE_PRAGMAS.items():
                     db.pragma(key, value, permanent=True)
@@ -157,11 +156,14 @@ class Store:
             ledger = root / LEDGER_FILE
             if not ledger.exists():
                 os.close(os.open(ledger, os.O_WRONLY | os.O_CREAT, FILE_MODE))
-            db = pw.SqliteDatabase(str(ledger), pragmas=SQLITE_PRAGMAS, lock_type="IMMEDIATE", timeout=30)
+            db = database.sqlite(str(ledger), pragmas=SQLITE_PRAGMAS, lock_type="IMMEDIATE", timeout=30)
             tensor_dir = tensor_dir or root / "tensors"
             lock_dir = root / "locks"
             location = str(root)
-        db.connect(reuse_if_open=True)
+        if isinstance(db, database.Reconnecting):
+            db.open()  # waits (bounded) for a database that is restarting
+        else:
+            db.connect(reuse_if_open=True)
         return cls(db, private_dir(tensor_dir), lock_dir, location, actor)
 
     def close(self) -> None:
