@@ -14,6 +14,7 @@ import click
 COMMANDS: dict[str, str] = {
     "submit": "pipeline.commands:submit",
     "status": "pipeline.commands:status",
+    "queue": "pipeline.queue_commands:queue",
     "ledger": "pipeline.ledger_commands:ledger",
     "eval": "workers.eval_command:eval_command",
     "apply": "workers.model_commands:apply",

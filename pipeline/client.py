@@ -22,11 +22,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from pipeline import settings
+from pipeline import deadletter, settings
+from pipeline.deadletter import UnknownDeadLetterError
 from pipeline.schema import (
     DEFAULT_NAME,
     EditRequest,
     RequestError,
+    check_name,
     validate_edit,
     validate_replay,
     validate_rollback,
@@ -275,6 +277,24 @@ class Client:
         value = self._call("reading workers", lambda: self.redis.get(settings.worker_key(name)))
         return json.loads(value) if value else None
 
+    # -- dead letters (pipeline/deadletter.py) ---------------------------------------------
+    def dead_letters(self, name: str = DEFAULT_NAME) -> list[dict[str, Any]]:
+        """The items the worker of memory `name` parked instead of running, oldest first: each
+        {id, queue, reason, time, size, item or item_base64}."""
+        check_name(name)
+        return self._call("reading dead letters", lambda: deadletter.entries(self.redis, name))
+
+    def retry_dead(self, entry_id: str, name: str = DEFAULT_NAME) -> dict[str, Any]:
+        """Put a dead letter's item back on its queue; returns the entry. `UnknownDeadLetterError`
+        when there is no such entry (nothing changes)."""
+        check_name(name)
+        return self._call("retrying a dead letter", lambda: deadletter.retry(self.redis, name, entry_id))
+
+    def drop_dead(self, entry_id: str, name: str = DEFAULT_NAME) -> dict[str, Any]:
+        """Delete a dead letter; returns the entry (`UnknownDeadLetterError` when there is none)."""
+        check_name(name)
+        return self._call("dropping a dead letter", lambda: deadletter.drop(self.redis, name, entry_id))
+
 
 def _same_claim(existing: str, name: str, digest: str) -> bool:
     return existing.removesuffix(" sent") == f"{name} {digest}"
@@ -312,6 +332,6 @@ def wait(request_ids: Sequence[str], timeout: float | None = None) -> dict[str, 
 
 
 __all__ = [
-    "BrokerError", "Client", "ConflictError", "Handle", "RequestError", "UnknownRequestError",
+    "BrokerError", "Client", "ConflictError", "Handle", "RequestError", "UnknownDeadLetterError", "UnknownRequestError",
     "WaitTimeout", "default_client", "is_terminal", "replay", "rollback", "status", "submit", "wait",
 ]

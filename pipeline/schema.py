@@ -22,6 +22,7 @@ DEFAULT_NAME = "default"
 DEFAULT_MAX_CHARS = 2000  # per text field; MEMOIR_MAX_CHARS overrides
 MAX_REPHRASES = 16
 MAX_METADATA_BYTES = 16_384
+MAX_METADATA_DEPTH = 32  # nesting of lists and objects: deeper ones exhaust the stack of any JSON library
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 # C0/C1 control characters but tab and line breaks: escape sequences would reach operators' terminals.
@@ -115,12 +116,35 @@ def check_bounds(data: Mapping[str, Any], *, max_chars: int | None = None) -> No
             _check_length_and_controls(field_name, value, limit)
     metadata = data.get("metadata")
     if isinstance(metadata, Mapping):
+        _check_metadata_depth(metadata)
         try:
             size = len(json.dumps(metadata, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
         except (TypeError, ValueError):
             return  # not JSON: the ledger refuses it
         if size > MAX_METADATA_BYTES:
             raise RequestError("metadata", f"is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """How deeply lists and objects nest in `value`, iteratively (no recursion); it stops
+    looking past `limit` levels (and returns limit + 1), so a cycle ends too."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, Mapping):
+            item = list(item.values())
+        elif not isinstance(item, (list, tuple)):
+            continue
+        if level > limit:
+            return level
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in item)
+    return deepest
+
+
+def _check_metadata_depth(metadata: object) -> None:
+    if json_depth(metadata, MAX_METADATA_DEPTH) > MAX_METADATA_DEPTH:
+        raise RequestError("metadata", f"nests deeper than {MAX_METADATA_DEPTH} levels of lists and objects")
 
 
 def check_replaces(value: object, field_name: str = "replaces") -> int | str | None:
@@ -145,6 +169,7 @@ def _check_metadata(value: object) -> dict[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise RequestError("metadata", f"must be a JSON object, got {type(value).__name__}")
+    _check_metadata_depth(value)
     try:
         text = json.dumps(dict(value), sort_keys=True, allow_nan=False, ensure_ascii=False)
         size = len(text.encode("utf-8"))
@@ -360,7 +385,7 @@ def validate_replay(*, from_seq: object = 1, mode: object = "retrain", name: obj
 
 __all__ = [
     "DEFAULT_NAME", "EditRequest", "REPLAY_MODES", "ReplayRequest", "RequestError", "RollbackRequest", "SAME_PROMPT",
-    "check_bounds", "check_name", "check_replaces", "check_request_id", "check_text", "check_unique_ids",
+    "check_bounds", "check_name", "check_replaces", "check_request_id", "check_text", "check_unique_ids", "json_depth",
     "max_chars_default", "new_request_id", "read_edit_file", "record_to_request", "validate_edit",
     "validate_replay", "validate_rollback",
 ]

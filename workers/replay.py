@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memoir import Editor
-from pipeline.schema import REPLAY_MODES
+from pipeline.schema import REPLAY_MODES, RequestError, check_request_id
 from store import Store
 from workers.rollback import RollbackError, _out_of_time, _task_outcome, first_applied_version
 
@@ -130,16 +130,18 @@ def _save_replay(store: Store, name: str, state: _ReplayState) -> None:
     from store.files import write_content_addressed
 
     data = save_bytes({"weight": state.weight.detach().cpu().contiguous()})
-    path, sha = write_content_addressed(store.tensor_dir, f"{name}/jobs", data, prefix=f"{state.job}-")
+    # The file's name is this worker's own (never the job's, which a message names): a fresh id
+    # and the content's hash; the ledger's progress event is what leads to it.
+    path, sha = write_content_addressed(store.tensor_dir, f"{name}/jobs", data, prefix=f"replay-{uuid.uuid4().hex}-")
     detail = {k: v for k, v in asdict(state).items() if k != "weight"}
     store.log_event(name, REPLAY_PROGRESS, None, {**detail, "file": path, "sha256": sha})
 
 
 def _drop_scratch(store: Store, name: str, job: str) -> None:
-    directory = store.tensor_dir / name / "jobs"
-    if directory.is_dir():
-        for path in directory.glob(f"{job}-*.safetensors"):
-            path.unlink(missing_ok=True)
+    """Delete the scratch files of a finished job: those its progress events recorded."""
+    for event in store.events(name=name, kinds=[REPLAY_PROGRESS]):
+        if event.detail.get("job") == job and isinstance(event.detail.get("file"), str):
+            store.path(event.detail["file"]).unlink(missing_ok=True)
 
 
 def replay(store: Store, name: str, from_seq: int = 1, mode: str = "retrain", editor: Editor | None = None,
@@ -215,7 +217,11 @@ def replay_message(runtime: "Runtime", task_id: str, message: Any,
     if not isinstance(message, dict):
         return _task_outcome(task_id, "replay", "failed",
                              reason=f"the message is not a JSON object but {type(message).__name__}"), None
-    job = message.get("job") or task_id
+    job = message.get("job", task_id)
+    try:
+        check_request_id(job, "job")  # a job is named by its first request's id
+    except RequestError as exc:
+        return _task_outcome(task_id, "replay", "failed", reason=str(exc)), None
     try:
         if message.get("name", runtime.name) != runtime.name:
             raise RollbackError(f"the request is for memory {message.get('name')!r}; this worker serves {runtime.name!r}")

@@ -506,24 +506,28 @@ def rollback_message(runtime: "Runtime", task_id: str, message: Any,
 
     A refused rollback (unknown edit, not applied, wrong memory, bad message) or a failed one
     gives a `failed` record and changes nothing; only a lost writer lock (FencingError) raises."""
+    from pipeline.schema import RequestError, check_request_id, validate_rollback
     from store import FencingError
 
     if not isinstance(message, dict):
         return _task_outcome(task_id, "rollback", "failed",
                              reason=f"the message is not a JSON object but {type(message).__name__}"), None
-    job = message.get("job") or task_id
+    job = message.get("job", task_id)
+    try:  # every field as a producer's would be (pipeline/schema.py); a chunk's edit is a ledger id
+        check_request_id(job, "job")
+        checked = validate_rollback(message.get("edit"), reason=message.get("reason"), exact=message.get("exact", False),
+                                    name=message.get("name", runtime.name), request_id=job)
+        if "job" in message and not isinstance(checked.edit, int):
+            raise RequestError("edit", f"a rollback chunk names its edit by ledger id, got {checked.edit!r}")
+    except RequestError as exc:
+        return _task_outcome(task_id, "rollback", "failed", reason=str(exc)), None
     try:
-        if message.get("name", runtime.name) != runtime.name:
-            raise RollbackError(f"the request is for memory {message.get('name')!r}; this worker serves {runtime.name!r}")
+        if checked.name != runtime.name:
+            raise RollbackError(f"the request is for memory {checked.name!r}; this worker serves {runtime.name!r}")
         if "job" in message:
-            report = continue_rollback(runtime, job, int(message["edit"]), budget)
+            report = continue_rollback(runtime, job, checked.edit, budget)
         else:
-            ref, reason, exact = message.get("edit"), message.get("reason"), message.get("exact", False)
-            if isinstance(ref, bool) or not isinstance(ref, (int, str)):
-                raise RollbackError(f"edit must be an edit id or a request id, got {ref!r}")
-            if (reason is not None and not isinstance(reason, str)) or not isinstance(exact, bool):
-                raise RollbackError("reason must be text and exact true or false")
-            report = start_rollback(runtime, ref, reason, exact, job, budget)
+            report = start_rollback(runtime, checked.edit, checked.reason, checked.exact, job, budget)
     except FencingError:
         raise
     except Exception as exc:  # noqa: BLE001 - a bad rollback must not stop the worker; the memory is restored

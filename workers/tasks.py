@@ -11,10 +11,8 @@ starts consuming; these functions only dispatch to it.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +21,11 @@ from celery.worker import state as worker_state
 from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
+from kombu.utils.encoding import bytes_to_str
 
-from pipeline import settings
+from pipeline import deadletter, settings
+from pipeline.envelope import BadItem, check_item
+from pipeline.schema import REQUEST_ID_PATTERN
 
 if TYPE_CHECKING:
     from workers.runtime import Runtime
@@ -34,25 +35,37 @@ log = logging.getLogger(__name__)
 
 
 # -- kombu's Redis channel, hardened: the worker must not stop or stall on -----------------------
-# 1. an item on the queue that is not a message: kombu decodes each popped item outside Celery's
-#    error handling, so an item that is not a JSON envelope (anyone who can write to Redis can
-#    push one) would end the worker; it is logged and dropped instead;
+# 1. an item on the queue that is not a message it runs: kombu decodes each popped item outside
+#    Celery's error handling, and Celery trusts the headers and the body's links, so anyone who
+#    can write to Redis could end the worker (a list as the task id, a bad time limit, ...). Each
+#    item is checked whole first (pipeline/envelope.py); one that fails is parked in
+#    `memoir.<name>.dead` with the reason (pipeline/deadletter.py) and never reaches Celery;
 # 2. an ack lost to a Redis restart: kombu keeps the message's prefetch slot, so the worker
 #    (prefetch 1) would never fetch again (GuardedQoS).
 
+_taken: dict[str, bytes] = {}  # task id -> the raw item it came in (the task parks it if it fails)
 
-def is_envelope(raw: bytes | str) -> bool:
-    """Whether a queue item is a message envelope kombu can decode (JSON, properties, base64 body)."""
+
+def memory_of(queue: str) -> str:
+    """The memory whose queue this is: `memoir.<name>` -> name."""
+    return queue.split(".", 1)[1]
+
+
+def take(client: Any, queue: str, raw: bytes) -> bool:
+    """Whether queue item `raw` goes on to Celery; an item that is not a message this worker runs
+    is parked instead (a Redis error while parking propagates: kombu reconnects)."""
     try:
-        payload = json.loads(raw)
-        properties, body = payload["properties"], payload.get("body")
-        if not isinstance(properties, dict) or "delivery_tag" not in properties or not isinstance(body, (str, type(None))):
-            return False
-        if body and properties.get("body_encoding") == "base64":
-            base64.b64decode(body, validate=True)
-        return True
-    except (ValueError, TypeError, KeyError):  # json and base64 errors are ValueErrors
+        envelope = check_item(raw, queue)
+    except BadItem as exc:
+        reason = f"not a message this worker runs: {exc}"
+        log.error("parking an item of %s (%s): %.200r", queue, reason, raw)
+        entry = deadletter.park(client, memory_of(queue), raw, reason)
+        log.error("parked as dead letter %s", entry)
         return False
+    if len(_taken) > 64:  # a message Celery took but never ran (it cannot be: prefetch 1); bounded anyway
+        _taken.clear()
+    _taken[envelope["headers"]["id"]] = raw
+    return True
 
 
 class GuardedQoS(kombu_redis.QoS):
@@ -84,9 +97,11 @@ class GuardedChannel(kombu_redis.Channel):
 
         def checked(connection: Any, command: str, **kwargs: Any) -> Any:
             reply = parse(connection, command, **kwargs)
-            if command == "BRPOP" and reply and not is_envelope(reply[1]):
-                log.error("dropped an item of %s that is not a message: %.200r", reply[0], reply[1])
-                return None  # kombu then polls again
+            if command == "BRPOP" and reply:
+                queue = bytes_to_str(reply[0]).rsplit(self.sep, 1)[0]
+                with self.conn_or_acquire() as other:
+                    if not take(other, queue, reply[1]):
+                        return None  # kombu then polls again
             return reply
 
         client.parse_response = checked
@@ -158,6 +173,59 @@ def _applied_held(runtime: "Runtime", board: "StatusBoard", request_id: str) -> 
         store.board = board
 
 
+def infrastructure(exc: BaseException) -> bool:
+    """Whether an error is the infrastructure's — the ledger, the tensor files or Redis
+    unreachable or unwritable, the writer lock lost, no memory left — rather than the message's."""
+    import peewee
+    import redis
+    from kombu.exceptions import OperationalError
+
+    from store import FencingError, WriterLockedError
+    from store.tensors import CorruptFileError
+
+    kinds = (OSError, MemoryError, FencingError, WriterLockedError, CorruptFileError, peewee.OperationalError,
+             peewee.InterfaceError, peewee.InternalError, redis.ConnectionError, redis.TimeoutError, OperationalError)
+    return isinstance(exc, kinds) or isinstance(exc.__cause__, kinds)
+
+
+def _version(runtime: "Runtime") -> int:
+    return runtime.store.get_memory(runtime.name).version
+
+
+def _run(task: Any, kind: str, request: Any, handler: Callable[["Runtime", "StatusBoard", str], dict[str, Any]]
+         ) -> dict[str, Any]:
+    """`handler(runtime, board, task id)` for one message. An infrastructure error stops the
+    worker with the message put back (the next worker takes it again); any other error is the
+    message's: it is parked in `memoir.<name>.dead`, its status says so, and the worker goes on
+    (after a restart, to reload the memory from the ledger, if the memory changed meanwhile)."""
+    runtime, board = _serving()
+    task_id = task.request.id
+    raw = _taken.pop(task_id, None)
+    before = None
+    try:
+        before = _version(runtime)
+        return handler(runtime, board, task_id)
+    except Exception as exc:  # noqa: BLE001 - sorted below: the infrastructure's fault, or the message's
+        if infrastructure(exc):
+            _stop(f"{type(exc).__name__}: {exc}")
+        reason = f"the {kind} failed on what the message holds: {type(exc).__name__}: {exc}"
+        log.exception("request %s: %s", task_id, reason)
+        if raw is None:  # every message passes `take`; should one not, park what Celery decoded
+            raw = settings.dumps({"task": task.name, "id": task_id, "request": request}).encode()
+        try:
+            entry = deadletter.park(board.redis, runtime.name, raw, reason)
+            moved = _version(runtime) != before
+        except Exception as err:  # noqa: BLE001 - Redis or the ledger gone: keep the message for the next worker
+            _stop(f"could not park message {task_id} ({reason}): {type(err).__name__}: {err}")
+        outcome = {**_refused(task_id, f"parked as dead letter {entry}: {reason}"), "kind": kind}
+        board.publish_outcome(outcome)
+        if moved:  # the ledger moved while it failed: the memory in RAM may not follow it
+            log.critical("stopping the worker to reload memory %r from the ledger (message %s parked as %s)",
+                         runtime.name, task_id, entry)
+            worker_state.should_stop = 70
+        return outcome
+
+
 @app.task(name=settings.APPLY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def apply_edit(self: Any, request: Any) -> dict[str, Any]:
     """Apply one edit request (a JSON object; its `request_id` is this task's id). One that
@@ -165,29 +233,47 @@ def apply_edit(self: Any, request: Any) -> dict[str, Any]:
     apply_superseding), so both happen in queue order with the other edits."""
     from workers.supersede import apply_superseding
 
-    runtime, board = _serving()
-    task_id = self.request.id
-    if not isinstance(request, dict):
-        outcome = _refused(task_id, f"the message is not a JSON object but {type(request).__name__}")
-    elif request.get("request_id", task_id) != task_id:
-        outcome = _refused(task_id, f"the message's request_id {request.get('request_id')!r} is not its task id")
-    else:
-        try:
+    def handle(runtime: "Runtime", board: "StatusBoard", task_id: str) -> dict[str, Any]:
+        if not isinstance(request, dict):
+            outcome = _refused(task_id, f"the message is not a JSON object but {type(request).__name__}")
+        elif not REQUEST_ID_PATTERN.fullmatch(task_id):
+            outcome = _refused(task_id, f"request_id: must be 1-128 letters, digits or '_.:-', got {task_id!r}")
+        elif request.get("request_id", task_id) != task_id:
+            outcome = _refused(task_id, f"the message's request_id {request.get('request_id')!r} is not its task id")
+        else:
             superseding = request.get("replaces") is not None
             with _applied_held(runtime, board, task_id) if superseding else nullcontext():
                 outcome = apply_superseding(runtime, {**request, "request_id": task_id})
-        except Exception as exc:  # noqa: BLE001 - fencing lost or the ledger unwritable: not this request's fault
-            _stop(f"{type(exc).__name__}: {exc}")
-    board.publish_outcome(outcome)
-    superseded = [s["rolled_back"] for s in outcome.get("superseded") or []]
-    log.info("request %s: %s (edit %s, seq %s)%s%s", task_id, outcome["status"], outcome.get("edit_id"),
-             outcome.get("seq"), f", superseded edits {superseded}" if superseded else "",
-             f": {outcome['reason']}" if outcome.get("reason") else "")
-    return outcome
+        board.publish_outcome(outcome)
+        superseded = [s["rolled_back"] for s in outcome.get("superseded") or []]
+        log.info("request %s: %s (edit %s, seq %s)%s%s", task_id, outcome["status"], outcome.get("edit_id"),
+                 outcome.get("seq"), f", superseded edits {superseded}" if superseded else "",
+                 f": {outcome['reason']}" if outcome.get("reason") else "")
+        return outcome
+
+    return _run(self, "edit", request, handle)
 
 
 # -- rollback and replay (issue 5: the work is in workers/rollback.py and workers/replay.py) --
 # They travel the same queue as edits, so they are ordered with them.
+
+
+def _chunked(task: Any, kind: str, request: Any, handler: Callable[..., tuple[dict[str, Any], Any]]) -> dict[str, Any]:
+    """A rollback or replay message: the handler's outcome is published, and its next chunk,
+    if any, is queued behind the edits waiting now."""
+
+    def handle(runtime: "Runtime", board: "StatusBoard", task_id: str) -> dict[str, Any]:
+        outcome, more = handler(runtime, task_id, request, settings.visibility_timeout() / 3)
+        if more is not None:
+            app.send_task(task.name, kwargs={"request": more}, task_id=more["request_id"],
+                          queue=settings.queue_name(runtime.name))
+        board.publish(outcome)
+        log.info("%s %s: %s%s%s", kind, outcome["request_id"], outcome["status"],
+                 f" (edit {outcome['edit_id']})" if outcome.get("edit_id") is not None else "",
+                 f": {outcome['reason']}" if outcome.get("reason") else "")
+        return outcome
+
+    return _run(task, kind, request, handle)
 
 
 @app.task(name=settings.ROLLBACK_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -197,18 +283,7 @@ def rollback(self: Any, request: Any) -> dict[str, Any]:
     chunk {job, edit, name} to this queue; the ledger is the cursor (workers/rollback.py)."""
     from workers.rollback import rollback_message
 
-    runtime, board = _serving()
-    try:
-        outcome, more = rollback_message(runtime, self.request.id, request, settings.visibility_timeout() / 3)
-    except Exception as exc:  # noqa: BLE001 - fencing lost or the ledger unwritable: not this request's fault
-        _stop(f"{type(exc).__name__}: {exc}")
-    if more is not None:
-        app.send_task(settings.ROLLBACK_TASK, kwargs={"request": more}, task_id=more["request_id"],
-                      queue=settings.queue_name(runtime.name))
-    board.publish(outcome)
-    log.info("rollback %s: %s (edit %s)%s", outcome["request_id"], outcome["status"], outcome.get("edit_id"),
-             f": {outcome['reason']}" if outcome.get("reason") else "")
-    return outcome
+    return _chunked(self, "rollback", request, rollback_message)
 
 
 @app.task(name=settings.REPLAY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -218,12 +293,4 @@ def replay(self: Any, request: Any) -> dict[str, Any]:
     runs in chunks like a rollback (its progress is saved in the ledger)."""
     from workers.replay import replay_message
 
-    runtime, board = _serving()
-    outcome, more = replay_message(runtime, self.request.id, request, settings.visibility_timeout() / 3)
-    if more is not None:
-        app.send_task(settings.REPLAY_TASK, kwargs={"request": more}, task_id=more["request_id"],
-                      queue=settings.queue_name(runtime.name))
-    board.publish(outcome)
-    log.info("replay %s: %s%s", outcome["request_id"], outcome["status"],
-             f": {outcome['reason']}" if outcome.get("reason") else "")
-    return outcome
+    return _chunked(self, "replay", request, replay_message)

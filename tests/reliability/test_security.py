@@ -29,11 +29,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import settings
+from pipeline import deadletter, settings
 from pipeline.client import BrokerError, Client
 from store import Store
 
 from .harness import NAME, REPO, RedisServer, WorkerProcess, make_tls, redis_supports_tls, run_cli
+from .poison import envelope, json_body
 
 pytestmark = pytest.mark.slow
 
@@ -95,21 +96,8 @@ class OpensAFile:
         return (builtins.open, (self.path, "w"))
 
 
-def envelope(task: str, task_id: str, body: bytes, content_type: str, encoding: str = "binary") -> str:
-    """A message as kombu's Redis transport keeps it in the queue's list (protocol 2)."""
-    return json.dumps({
-        "body": base64.b64encode(body).decode(), "content-encoding": encoding, "content-type": content_type,
-        "headers": {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "parent_id": None, "group": None,
-                    "retries": 0, "timelimit": [None, None], "argsrepr": "()", "kwargsrepr": "{}"},
-        "properties": {"correlation_id": task_id, "reply_to": "", "delivery_mode": 2, "priority": 0,
-                       "delivery_info": {"exchange": "", "routing_key": settings.queue_name(NAME)},
-                       "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
-    })
-
-
-def json_body(request: object) -> bytes:
-    return json.dumps([[], {"request": request}, {"callbacks": None, "errbacks": None, "chain": None,
-                                                  "chord": None}]).encode()
+def raw_envelope(task: str, task_id: str, body: bytes, content_type: str, encoding: str = "binary") -> str:
+    return json.dumps(envelope(task, task_id, body, content_type, encoding))
 
 
 def test_messages_that_are_not_json_are_rejected_not_loaded(stack, tmp_path):
@@ -117,13 +105,13 @@ def test_messages_that_are_not_json_are_rejected_not_loaded(stack, tmp_path):
     pickled = pickle.dumps(((), {"request": OpensAFile(str(proofs["pickle"]))}, {}))
     yaml_text = f"- []\n- request: !!python/object/apply:builtins.open ['{proofs['yaml']}', 'w']\n- {{}}\n"
     raw = {
-        "raw-pickle": envelope(settings.APPLY_TASK, "raw-pickle", pickled, "application/x-python-serialize"),
-        "raw-pickle-as-json": envelope(settings.APPLY_TASK, "raw-pickle-as-json",
-                                       pickle.dumps(((), {"request": OpensAFile(str(proofs["pickle-as-json"]))}, {})),
-                                       "application/json", "utf-8"),
-        "raw-yaml": envelope(settings.APPLY_TASK, "raw-yaml", yaml_text.encode(), "application/x-yaml", "utf-8"),
-        "raw-unknown-task": envelope("memoir.not_a_task", "raw-unknown-task",
-                                     json_body({"prompt": "q?", "target": "a"}), "application/json", "utf-8"),
+        "raw-pickle": raw_envelope(settings.APPLY_TASK, "raw-pickle", pickled, "application/x-python-serialize"),
+        "raw-pickle-as-json": raw_envelope(settings.APPLY_TASK, "raw-pickle-as-json",
+                                           pickle.dumps(((), {"request": OpensAFile(str(proofs["pickle-as-json"]))}, {})),
+                                           "application/json", "utf-8"),
+        "raw-yaml": raw_envelope(settings.APPLY_TASK, "raw-yaml", yaml_text.encode(), "application/x-yaml", "utf-8"),
+        "raw-unknown-task": raw_envelope("memoir.not_a_task", "raw-unknown-task",
+                                         json_body({"prompt": "q?", "target": "a"}), "application/json", "utf-8"),
     }
     queue = settings.queue_name(NAME)
     r = stack.client.redis
@@ -135,10 +123,12 @@ def test_messages_that_are_not_json_are_rejected_not_loaded(stack, tmp_path):
     assert stack.worker.alive(), stack.worker.log_text()[-3000:]
     assert not any(p.exists() for p in proofs.values()), "a message was unpickled or YAML-loaded"
     assert not set(raw) & set(ledger_ids(stack))
-    log = stack.worker.log_text()
-    assert "Refusing to deserialize untrusted content of type pickle" in log
-    assert "Refusing to deserialize untrusted content of type yaml" in log
-    assert log.count("that is not a message") == 2  # the two broken envelopes, dropped
+    parked = [e["reason"] for e in deadletter.entries(r, NAME)]  # none reached Celery: each was parked
+    assert len(parked) == len(raw) + 2, parked
+    assert sum("the content is 'application/x-python-serialize'" in p for p in parked) == 1
+    assert sum("the content is 'application/x-yaml'" in p for p in parked) == 1
+    assert sum("the body is not JSON" in p for p in parked) == 1  # pickle bytes labelled JSON
+    assert sum("headers.task is not valid" in p for p in parked) == 1
 
 
 @pytest.mark.parametrize("request_, reason", [
@@ -152,8 +142,8 @@ def test_a_json_message_that_skipped_the_client_is_refused_and_recorded_at_most_
     """The worker re-checks what the client checks: a hostile producer writing straight to Redis
     gets a `failed` status with the reason, the ledger gets at most a failed row."""
     task_id = f"bypass-{uuid.uuid4().hex[:8]}"
-    stack.client.redis.lpush(settings.queue_name(NAME), envelope(settings.APPLY_TASK, task_id, json_body(request_),
-                                                                 "application/json", "utf-8"))
+    stack.client.redis.lpush(settings.queue_name(NAME), raw_envelope(settings.APPLY_TASK, task_id, json_body(request_),
+                                                                     "application/json", "utf-8"))
     drain(stack)
     record = json.loads(stack.client.redis.get(settings.status_key(task_id)))
     assert record["status"] == "failed" and reason in record["reason"], record
@@ -163,7 +153,7 @@ def test_a_json_message_that_skipped_the_client_is_refused_and_recorded_at_most_
 
 def test_rollbacks_of_unknown_or_failed_edits_are_refused_through_the_queue(stack):
     blank = f"blank-{uuid.uuid4().hex[:8]}"  # recorded, then failed: its target is blank
-    stack.client.redis.lpush(settings.queue_name(NAME), envelope(
+    stack.client.redis.lpush(settings.queue_name(NAME), raw_envelope(
         settings.APPLY_TASK, blank, json_body({"prompt": "Who wrote Emma?", "target": " "}), "application/json", "utf-8"))
     drain(stack)
     assert ledger_ids(stack)[blank] == "failed"
