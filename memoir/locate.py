@@ -1,4 +1,11 @@
-"""Find the FFN output projection that MEMOIR edits, for each supported architecture."""
+"""Find the FFN output projection that MEMOIR edits.
+
+Three ways, in order: an explicit `module_path` (with `{layer}`); the architecture table
+`ARCHITECTURES`; else the model's structure: the decoder blocks are the largest `nn.ModuleList`
+(of the model's depth when the config says it), and in each block the projection is the one
+Linear/Conv1D that maps the FFN width back to the hidden size (preferring one inside the
+block's MLP). Anything ambiguous raises UnknownArchitectureError naming `module_path`.
+"""
 
 from __future__ import annotations
 
@@ -39,40 +46,105 @@ class ProjectionSite:
     transposed: bool  # GPT-2's Conv1D keeps its weight as (in, out)
 
 
-def _blocks_path(model: nn.Module) -> str:
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    if model_type in ARCHITECTURES:
-        return ARCHITECTURES[model_type][0]
-    raise UnknownArchitectureError(
+_DEPTH = ("num_hidden_layers", "n_layer", "num_layers")
+_HIDDEN = ("hidden_size", "n_embd", "d_model")
+_FFN = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")
+_MLP_NAMES = ("mlp", "ffn", "feed_forward", "feedforward")
+
+
+def _unknown(model: nn.Module, why: str) -> UnknownArchitectureError:
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    return UnknownArchitectureError(
         f"MEMOIR does not know where the FFN output projection of a {model_type!r} model "
-        f"({type(model).__name__}) is; pass module_path explicitly, e.g. "
+        f"({type(model).__name__}) is: {why}; pass module_path explicitly, e.g. "
         f"'model.layers.{{layer}}.mlp.down_proj' (known: {', '.join(sorted(ARCHITECTURES))})"
     )
 
 
+def _config_int(model: nn.Module, names: tuple[str, ...]) -> int | None:
+    config = getattr(model, "config", None)
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a Linear or a transformers Conv1D (weight stored as (in, out)), else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+def _find_blocks(model: nn.Module) -> str:
+    """The path of the decoder blocks: the largest ModuleList, of the config's depth when it has one."""
+    lists = [(path, len(m)) for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    depth = _config_int(model, _DEPTH)
+    deep = [entry for entry in lists if entry[1] == depth] if depth else []
+    candidates = deep or lists
+    if not candidates:
+        raise _unknown(model, "it has no list of blocks")
+    return max(candidates, key=lambda entry: entry[1])[0]  # the first of the largest: the outermost
+
+
+def _find_projection(model: nn.Module, block: nn.Module) -> str:
+    """Inside one block: the Linear/Conv1D mapping the FFN width to the hidden size."""
+    hidden, ffn = _config_int(model, _HIDDEN), _config_int(model, _FFN)
+    shapes = {path: shape for path, m in block.named_modules() if (shape := _linear_shape(m)) is not None}
+    if hidden is None and shapes:  # the most common output size in a block is the hidden size
+        outs = [out for _, out in shapes.values()]
+        hidden = max(set(outs), key=outs.count)
+    found = [path for path, (d_in, d_out) in shapes.items()
+             if d_out == hidden and d_in != hidden and (ffn is None or d_in == ffn)]
+    in_mlp = [path for path in found if any(part in _MLP_NAMES for part in path.lower().split("."))]
+    found = in_mlp or found
+    if len(found) != 1:
+        why = "no linear layer maps the FFN width to the hidden size" if not found else f"several candidates {found}"
+        raise _unknown(model, why)
+    return found[0]
+
+
+def _blocks_path(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type][0]
+    return _find_blocks(model)
+
+
 def num_layers(model: nn.Module) -> int:
-    config = model.config
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    raise UnknownArchitectureError(f"cannot tell the depth of a {type(model).__name__}")
+    depth = _config_int(model, _DEPTH)
+    if depth:
+        return depth
+    try:
+        return len(model.get_submodule(_find_blocks(model)))
+    except UnknownArchitectureError:
+        raise UnknownArchitectureError(f"cannot tell the depth of a {type(model).__name__}") from None
 
 
 def projection_path(model: nn.Module, layer: int, module_path: str | None = None) -> str:
     """The dotted path of layer `layer`'s FFN output projection. `module_path` may contain `{layer}`."""
     if module_path:
         return module_path.replace("{layer}", str(layer))
-    model_type = getattr(model.config, "model_type", "")
-    blocks = _blocks_path(model)
-    return f"{blocks}.{layer}.{ARCHITECTURES[model_type][1]}"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ARCHITECTURES:
+        blocks, inner = ARCHITECTURES[model_type]
+        return f"{blocks}.{layer}.{inner}"
+    blocks = _find_blocks(model)
+    try:
+        block = model.get_submodule(f"{blocks}.{layer}")
+    except AttributeError:
+        raise _unknown(model, f"{blocks} has no block {layer}") from None
+    return f"{blocks}.{layer}.{_find_projection(model, block)}"
 
 
 def _shapes(module: nn.Module, path: str) -> tuple[int, int, bool]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, False
-    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight (in, out)
-        return module.weight.shape[0], module.weight.shape[1], True
-    raise UnknownArchitectureError(f"{path} is a {type(module).__name__}, not a Linear or Conv1D projection")
+    shape = _linear_shape(module)
+    if shape is None:
+        raise UnknownArchitectureError(f"{path} is a {type(module).__name__}, not a Linear or Conv1D projection")
+    return shape[0], shape[1], not isinstance(module, nn.Linear)  # GPT-2's Conv1D keeps its weight as (in, out)
 
 
 def locate(model: nn.Module, layer: int, module_path: str | None = None) -> ProjectionSite:

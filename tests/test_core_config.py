@@ -83,6 +83,7 @@ class _Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.ffn_out = nn.Linear(8, 4)
+        self.gate_out = nn.Linear(8, 4)  # two maps from the FFN width to the hidden size: ambiguous
 
 
 class _Unknown(nn.Module):
@@ -98,7 +99,7 @@ def test_unknown_architecture_names_itself_and_the_escape_hatch():
     model = _Unknown()
     with pytest.raises(UnknownArchitectureError, match="made-up-arch") as info:
         locate(model, 1)
-    assert "module_path" in str(info.value)
+    assert "module_path" in str(info.value) and "several candidates" in str(info.value)
     site = locate(model, 1, module_path="blocks.{layer}.ffn_out")
     assert site.module_path == "blocks.1.ffn_out"
     assert (site.in_features, site.out_features, site.num_layers) == (8, 4, 2)
@@ -113,14 +114,13 @@ def test_explicit_module_path_must_exist_and_be_linear(tiny_llama):
     assert locate(model, 1, module_path="model.layers.{layer}.mlp.up_proj").in_features == 64
 
 
-def test_editor_on_an_unknown_architecture_needs_and_accepts_module_path(tiny_model_factory):
+def test_editor_on_an_unknown_architecture_locates_from_structure_or_module_path(tiny_model_factory):
     from memoir import Editor
 
     model, tokenizer = tiny_model_factory("llama")
     model.config.model_type = "my-private-llama"
     background = ["nq question: who sang nice day for a white wedding", "nq question: when was the first iphone"]
-    with pytest.raises(UnknownArchitectureError, match="my-private-llama"):
-        Editor.create(model, tokenizer, background, MemoirConfig(layer=1))
+    assert locate(model, 1).module_path == "model.layers.1.mlp.down_proj"  # found from the structure
     editor = Editor.create(model, tokenizer, background,
                            MemoirConfig(layer=1, module_path="model.layers.{layer}.mlp.down_proj"))
     assert editor.memory.site.module_path == "model.layers.1.mlp.down_proj"

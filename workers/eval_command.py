@@ -11,20 +11,11 @@ from typing import Any
 import click
 
 from pipeline.cli import emit_json, fail
+from workers.model_options import model_option, module_path_option
 
-BUILTIN_NAMES = ("builtin", "tiny")
 CURVE_POINTS = 20  # scores taken along the way when --plot asks for the curve
 
 log = logging.getLogger(__name__)
-
-
-def resolve_model(name: str) -> str:
-    """`builtin`/`tiny` → the built-in tiny trained Llama (trained once per machine); else as given."""
-    if name in BUILTIN_NAMES:
-        from memoir.tinymodel import builtin_model_path
-
-        return str(builtin_model_path())
-    return name
 
 
 def plot_curve(curve: list[dict[str, Any]], path: str, title: str) -> None:
@@ -51,8 +42,7 @@ def plot_curve(curve: list[dict[str, Any]], path: str, title: str) -> None:
 
 
 @click.command("eval")
-@click.option("--model", "model_name", required=True, metavar="PATH_OR_HUB_ID",
-              help="A model directory or hub id; `builtin` (or `tiny`) for the built-in tiny Llama.")
+@model_option()
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
               help="zsRE records, JSON Lines (the format of memoir/data/zsre_dev.jsonl).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Edit the first N valid records (default: all).")
@@ -60,12 +50,14 @@ def plot_curve(curve: list[dict[str, Any]], path: str, title: str) -> None:
 @click.option("--top-k", "top_k", type=click.IntRange(min=1), default=None, help="Mask size k (default ≈ 0.286 D).")
 @click.option("--threshold", type=float, default=None, help="Retrieval threshold on the overlap ratio (default 0.4).")
 @click.option("--seed", type=int, default=None, help="Seed of the permutation π (default 0).")
+@module_path_option
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (last line of stdout).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write Rel/Gen/Loc against the number of edits to this PNG.")
 def eval_command(model_name: str, data_path: str, limit: int | None, layer: int | None, top_k: int | None,
-                 threshold: float | None, seed: int | None, device: str, as_json: bool, plot_path: str | None) -> None:
+                 threshold: float | None, seed: int | None, module_path: str | None, device: str, as_json: bool,
+                 plot_path: str | None) -> None:
     """Edit the first N valid zsRE records one after another, then score all of them."""
     import torch
     from tqdm import tqdm
@@ -73,22 +65,20 @@ def eval_command(model_name: str, data_path: str, limit: int | None, layer: int 
     from memoir.config import ConfigError, MemoirConfig
     from memoir.evaluate import evaluate, read_records
     from memoir.locate import UnknownArchitectureError
-    from memoir.tinymodel import load_pretrained_pair
+    from memoir.sources import load_model, resolve_model
 
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA device is available")
     try:
-        config = MemoirConfig().replace(layer=layer, top_k=top_k, threshold=threshold, seed=seed)
+        config = MemoirConfig().replace(layer=layer, top_k=top_k, threshold=threshold, seed=seed,
+                                        module_path=module_path)
     except ConfigError as exc:
         fail(str(exc))
     try:
         records = read_records(data_path)
     except (OSError, ValueError) as exc:
         fail(f"cannot read {data_path}: {exc}")
-    try:
-        model, tokenizer = load_pretrained_pair(resolve_model(model_name), device=device)
-    except (OSError, ValueError) as exc:
-        fail(f"cannot load model {model_name!r}: {exc}")
+    model, tokenizer, _ = load_model(model_name, device=device)
 
     bar = tqdm(total=limit, desc="editing", unit="edit", file=sys.stderr, dynamic_ncols=True)
 
@@ -106,7 +96,7 @@ def eval_command(model_name: str, data_path: str, limit: int | None, layer: int 
     result["model"] = model_name
     result["data"] = str(Path(data_path))
     if plot_path:
-        plot_curve(result["curve"], plot_path, f"MEMOIR on zsRE: {Path(resolve_model(model_name)).name}")
+        plot_curve(result["curve"], plot_path, f"MEMOIR on zsRE: {Path(resolve_model(model_name)[0]).name}")
         result["plot"] = plot_path
     if as_json:
         emit_json(result)

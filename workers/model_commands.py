@@ -13,6 +13,7 @@ import click
 
 from pipeline.cli import emit_json, fail
 from pipeline.schema import RequestError, check_replaces
+from workers.model_options import model_option, module_path_option
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _request_id(name: str, request: dict[str, Any]) -> str:
 
 def model_options(f):
     for option in reversed([
-        click.option("--model", "model", required=True, help='model path or hub id; "builtin" for the tiny model'),
+        model_option("model"),
         click.option("--store", "store_path", default=None, help=STORE_HELP),
         click.option("--name", default="default", show_default=True, help="memory name"),
         click.option("--device", default="cpu", show_default=True),
@@ -106,10 +107,11 @@ def _open_runtime(**kwargs: Any):
               help="JSONL of zsRE records or {prompt, target, rephrases, id, metadata, replaces} objects")
 @click.option("--layer", type=int, default=None, help="edited layer (a new memory only)")
 @click.option("--top-k", "top_k", type=int, default=None, help="columns per edit (a new memory only)")
+@module_path_option
 @click.option("--json", "as_json", is_flag=True,
               help='last line: {"applied", "failed", "skipped", "ids", "superseded", ...}')
 def apply(model: str, store_path: str | None, name: str, device: str, dtype: str | None, file: Path,
-          layer: int | None, top_k: int | None, as_json: bool) -> None:
+          layer: int | None, top_k: int | None, module_path: str | None, as_json: bool) -> None:
     """Apply the edits of FILE in-process, straight into the store (no Redis): offline bulk import.
 
     Lines without an id get one from their content, so applying a file twice applies each
@@ -126,7 +128,7 @@ def apply(model: str, store_path: str | None, name: str, device: str, dtype: str
     for problem in problems:
         click.echo(f"skipped {problem}", err=True)
     runtime = _open_runtime(model=model, store=store_path, name=name, layer=layer, top_k=top_k, device=device,
-                            dtype=dtype)
+                            dtype=dtype, module_path=module_path)
     counts = {"applied": 0, "failed": 0, "skipped": len(problems)}
     ids: list[int] = []
     superseded: list[int] = []

@@ -15,6 +15,7 @@ import click
 
 from pipeline.cli import emit_json, fail
 from pipeline.ledger_commands import STORE_HELP, open_store
+from workers.model_options import MODEL_HELP, model_option
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def _describe(summary: dict[str, Any]) -> str:
               help='last line: {"rolled_back", "checked", "replayed", "seconds"}')
 @click.option("--store", "store_path", default=None, help=STORE_HELP)
 @click.option("--name", default="default", show_default=True, help="memory name")
-@click.option("--model", default=None, help="in-process: model path or hub id (default: the memory's model)")
+@model_option("model", required=False, help=f"in-process: {MODEL_HELP} (default: the memory's model)")
 @click.option("--device", default="cpu", show_default=True, help="in-process: torch device")
 def rollback(edit: str | None, prompt: str | None, subject: str | None, reason: str | None, exact: bool,
              wait: bool, timeout: float | None, yes: bool, as_json: bool, store_path: str | None, name: str,
@@ -188,7 +189,7 @@ def _through_queue(ids: list[int], reason: str | None, exact: bool, name: str, w
                    "sum: add the recorded deltas")
 @click.option("--json", "as_json", is_flag=True, help="last line: the replay report as one JSON object")
 @click.option("--store", "store_path", default=None, help=STORE_HELP)
-@click.option("--model", default=None, help="retrain: model path or hub id (default: the memory's model)")
+@model_option("model", required=False, help=f"retrain: {MODEL_HELP} (default: the memory's model)")
 @click.option("--device", default="cpu", show_default=True, help="retrain: torch device")
 def replay(from_seq: int, name: str, mode: str, as_json: bool, store_path: str | None, model: str | None,
            device: str) -> None:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from memoir import EditResult, Editor, MemoirConfig, MemoryMismatchError, detach, find_memory
-from memoir.tinymodel import BUILTIN_NAME, builtin_model_path, load_pretrained_pair, zsre_records
+from memoir.sources import load_model, resolve_model
+from memoir.tinymodel import zsre_records
 from pipeline.schema import RequestError, check_bounds
 from store import (
     FAILED,
@@ -30,24 +31,17 @@ from store import (
     Store,
     WriterLock,
 )
+from store.checkpoints import DEFAULT_KEEP, check_keep
 from store.records import PENDING
 
 log = logging.getLogger(__name__)
 
-BUILTIN_ALIASES = ("builtin", "tiny")
 BACKGROUND_RECORDS = slice(400, 450)  # zsRE records whose `loc` questions make the default background
 
 
 def default_background_prompts() -> list[str]:
     """The `loc` questions of the shipped zsRE records 400..449: unrelated to the edits of 0..399."""
     return [r["loc"] for r in zsre_records()[BACKGROUND_RECORDS] if r.get("loc")]
-
-
-def resolve_model(model: str | os.PathLike) -> tuple[str, str | None]:
-    """(path or hub id to load, revision to record); "builtin"/"tiny" is the built-in tiny Llama."""
-    if str(model) in BUILTIN_ALIASES:
-        return str(builtin_model_path()), BUILTIN_NAME
-    return str(model), None
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -84,8 +78,9 @@ class Runtime:
     """One model + its Editor + the store, for one memory name. Open with `Runtime.open`."""
 
     def __init__(self, editor: Editor, store: Store, name: str, model_id: str, lock: WriterLock | None,
-                 owns_store: bool, persistent: bool = True) -> None:
+                 owns_store: bool, persistent: bool = True, keep_checkpoints: int = DEFAULT_KEEP) -> None:
         self.editor = editor
+        self.keep_checkpoints = check_keep(keep_checkpoints)  # the newest checkpoints kept after each new one
         self.store = store
         self.name = name
         self.model_id = model_id
@@ -99,32 +94,36 @@ class Runtime:
     def open(cls, model: str | os.PathLike | nn.Module, store: Store | str | os.PathLike | None = None,
              name: str = "default", layer: int | None = None, top_k: int | None = None, device: str = "cpu",
              dtype: str | torch.dtype | None = None, threshold: float | None = None, *, tokenizer: Any = None,
+             module_path: str | None = None,
              config: MemoirConfig | None = None, background_prompts: Sequence[str] | None = None,
              policy: dict[str, Any] | None = None, checkpoint_every: int | None = None,
              readonly: bool = False, lock_wait: float = 0.0, tensor_dir: str | os.PathLike | None = None,
-             fast: bool = True) -> "Runtime":
-        """Load `model` (a path, a hub id, "builtin"/"tiny", or a model object with `tokenizer`),
-        then restore memory `name` from the store, or create it on first use.
+             fast: bool = True, keep_checkpoints: int = DEFAULT_KEEP) -> "Runtime":
+        """Load `model` (any `--model` value: "builtin", "smollm2", a .gguf file, a directory, a hub
+        id; see memoir.sources; or a model object with `tokenizer`), then restore memory `name`
+        from the store, or create it on first use. The model is loaded before the store is
+        opened: a model that cannot be loaded (ModelSourceError) leaves the store untouched.
 
         A writer (the default) takes the memory's writer lock (waiting `lock_wait` seconds).
         `readonly` takes no lock and writes nothing (generation); a memory the store lacks is
         then an empty one in RAM. `config`, `background_prompts`, `policy` and
-        `checkpoint_every` are used when the memory is created; `layer`/`top_k`/`threshold`
-        must agree with a stored memory (MemoryMismatchError otherwise)."""
+        `checkpoint_every` are used when the memory is created (`keep_checkpoints`: how many of
+        the newest checkpoints a writer keeps); `layer`/`top_k`/`threshold`/
+        `module_path` (the edited projection, with `{layer}`; by default found from the model's
+        structure) must agree with a stored memory (MemoryMismatchError otherwise)."""
+        if isinstance(model, nn.Module):
+            if tokenizer is None:
+                raise ValueError("a model object needs its tokenizer")
+            model_id = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+            revision = getattr(model.config, "_commit_hash", None)
+            loaded, tok = model.to(device), tokenizer
+        else:
+            model_id = str(model)
+            loaded, tok, revision = load_model(model, dtype=_dtype(dtype), device=device)
         owns_store = not isinstance(store, Store)
         store = store if isinstance(store, Store) else Store.open(store, tensor_dir)
         lock = None
         try:
-            if isinstance(model, nn.Module):
-                if tokenizer is None:
-                    raise ValueError("a model object needs its tokenizer")
-                model_id = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-                revision = getattr(model.config, "_commit_hash", None)
-                loaded, tok = model.to(device), tokenizer
-            else:
-                model_id = str(model)
-                path, revision = resolve_model(model)
-                loaded, tok = load_pretrained_pair(path, dtype=_dtype(dtype), device=device)
             if not readonly:
                 lock = store.writer_lock(name, wait=lock_wait)
             overrides = {"layer": layer, "top_k": top_k, "threshold": threshold}
@@ -132,17 +131,19 @@ class Runtime:
                 state = store.load_state(name)
                 wrong = [f"{key} {value} (stored: {getattr(state.config, key)})" for key, value in overrides.items()
                          if value is not None and value != getattr(state.config, key)]
+                if module_path and module_path.replace("{layer}", str(state.config.layer)) != state.model.module_path:
+                    wrong.append(f"module_path {module_path} (stored: {state.model.module_path})")
                 if wrong:
                     raise MemoryMismatchError(f"memory {name!r} was made with other settings: " + ", ".join(wrong))
                 editor = Editor.from_state(loaded, tok, state, fast=fast)
                 if model_id != store.get_memory(name).model_id:
                     log.warning("memory %r was made on %s; serving it on %s (same shapes)", name,
                                 store.get_memory(name).model_id, model_id)
-                runtime = cls(editor, store, name, model_id, lock, owns_store)
+                runtime = cls(editor, store, name, model_id, lock, owns_store, keep_checkpoints=keep_checkpoints)
                 if policy is not None or checkpoint_every is not None:
                     runtime.configure(policy=policy, checkpoint_every=checkpoint_every)
                 return runtime
-            cfg = (config or MemoirConfig()).replace(**overrides)
+            cfg = (config or MemoirConfig()).replace(**overrides, module_path=module_path)
             prompts = list(background_prompts) if background_prompts is not None else default_background_prompts()
             editor = Editor.create(loaded, tok, prompts, cfg, fast=fast)
             if readonly:
@@ -151,7 +152,7 @@ class Runtime:
             store.create_memory(name, editor.state(), model_id, revision,
                                 **({"checkpoint_every": checkpoint_every} if checkpoint_every else {}),
                                 policy=Policy.from_dict(policy).to_dict())
-            return cls(editor, store, name, model_id, lock, owns_store)
+            return cls(editor, store, name, model_id, lock, owns_store, keep_checkpoints=keep_checkpoints)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -182,11 +183,12 @@ class Runtime:
         self.close()
 
     # -- editing -------------------------------------------------------------------------------
-    def apply_request(self, request: dict[str, Any]) -> dict[str, Any]:
+    def apply_request(self, request: dict[str, Any], supersedes: Sequence[int] | None = None) -> dict[str, Any]:
         """Apply one edit request {prompt, target, rephrases?, metadata?, request_id?, name?}.
 
-        `replaces` (a ledger edit id) is only recorded here, as the link to the edit this one
-        supersedes; `workers.supersede.apply_superseding` resolves it and rolls that edit back.
+        `replaces` (a ledger edit id) and `supersedes` (the ledger ids of the edits this one
+        replaces; default [`replaces`]) are only recorded here, with a pending job to roll back
+        each; `workers.supersede.apply_superseding` resolves them and runs those jobs.
 
         Idempotent by request id: a request already recorded returns its recorded outcome (a
         pending one is processed). Never raises for a bad request: the outcome says `failed`
@@ -204,7 +206,8 @@ class Runtime:
         try:
             edit, created = self.store.record_request(
                 self.name, request_id, request.get("prompt"), request.get("target"),
-                request.get("rephrases") or [], request.get("metadata"), replaces=request.get("replaces"))
+                request.get("rephrases") or [], request.get("metadata"), replaces=request.get("replaces"),
+                supersedes=supersedes)
         except (InvalidRequestError, RequestConflictError) as exc:
             return self._refused(request_id, str(exc))
         if edit.status not in PENDING:
@@ -212,9 +215,15 @@ class Runtime:
         return self._process(edit)
 
     def resume(self) -> list[dict[str, Any]]:
-        """Process this memory's queued/applying rows (left by a crash), in sequence order."""
+        """Process this memory's queued/applying rows (left by a crash), in sequence order, then
+        finish its unfinished jobs (workers/jobs.py: rollbacks, the rollbacks of superseding
+        edits). Returns the edits' outcomes."""
+        from workers.jobs import resume_jobs
+
         self._require_writer()
-        return [self._process(edit) for edit in self.store.pending(self.name)]
+        outcomes = [self._process(edit) for edit in self.store.pending(self.name)]
+        resume_jobs(self)
+        return outcomes
 
     def _process(self, edit: EditRecord) -> dict[str, Any]:
         edit = self.store.mark_applying(edit)
@@ -258,6 +267,7 @@ class Runtime:
             if self.store.checkpoint_due(self.name):
                 record = self.store.checkpoint(self.name, self.editor.memory.weight)
                 log.info("checkpoint of %r at version %d: %s", self.name, record.version, record.file)
+                self.store.prune_checkpoints(self.name, self.keep_checkpoints)
         except FencingError:
             raise
         except Exception as exc:  # noqa: BLE001 - the edit is committed; loading just reads more deltas

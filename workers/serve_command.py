@@ -15,6 +15,7 @@ import sys
 import click
 
 from pipeline.cli import fail
+from workers.model_options import model_option
 
 READY_PREFIX = "memoir serve ready:"
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 @click.command("serve")
-@click.option("--model", "model_name", required=True, help="Model path or hub id ('builtin' = the built-in tiny Llama).")
+@model_option()
 @click.option("--name", default="default", show_default=True, help="Memory name.")
 @click.option("--store", "store_path", default=None,
               help="Store directory or database URL (default $MEMOIR_STORE, else ./memoir-store).")

@@ -27,11 +27,11 @@ import torch
 
 from memoir import Editor, MemoryState, detach
 from memoir.prompts import TokenBatch, make_batch
-from memoir.tinymodel import load_pretrained_pair
+from memoir.sources import load_model
 from store import DEFAULT_STORE, Store, StoreError
 from store.snapshots import Snapshot, ledger_mark, load_snapshot
 from workers.notify import changes_channel
-from workers.runtime import _dtype, resolve_model
+from workers.runtime import _dtype
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def load(model: str | os.PathLike | torch.nn.Module, store: Store | str | os.Pat
          name: str = "default", at_seq: int | None = None, device: str = "cpu",
          dtype: str | torch.dtype | None = None, *, tokenizer: Any = None,
          tensor_dir: str | os.PathLike | None = None) -> ServedModel:
-    """Load `model` (a path, hub id, "builtin"/"tiny", or a model object with `tokenizer`) and attach
+    """Load `model` (a `--model` value, see memoir.sources, or a model object with `tokenizer`) and attach
     memory `name` from `store` as it stands, or as it stood at ledger seq `at_seq` (pinned).
 
     Read-only: takes no writer lock. Raises UnknownMemoryError for a memory the store lacks,
@@ -173,18 +173,18 @@ def load(model: str | os.PathLike | torch.nn.Module, store: Store | str | os.Pat
         target = str(store or os.environ.get("MEMOIR_STORE") or DEFAULT_STORE)
         if "://" not in target and not os.path.isdir(target):
             raise StoreError(f"no store at {target}")  # reading creates nothing
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None:
+            raise ValueError("a model object needs its tokenizer")
+        model_id = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+        loaded, tok = model.to(device), tokenizer
+    else:
+        model_id = str(model)
+        loaded, tok, _ = load_model(model, dtype=_dtype(dtype), device=device)  # a bad model touches no store
+    if owns_store:
         store = Store.open(target, tensor_dir)
     try:
         stored = store.get_memory(name)
-        if isinstance(model, torch.nn.Module):
-            if tokenizer is None:
-                raise ValueError("a model object needs its tokenizer")
-            model_id = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-            loaded, tok = model.to(device), tokenizer
-        else:
-            model_id = str(model)
-            path, _ = resolve_model(model)
-            loaded, tok = load_pretrained_pair(path, dtype=_dtype(dtype), device=device)
         snapshot, state = load_snapshot(store, name, at_seq)
         editor = Editor.from_state(loaded, tok, state)
         if model_id != stored.model_id:

@@ -16,6 +16,7 @@ import sys
 import click
 
 from pipeline.cli import fail
+from workers.model_options import model_option, module_path_option
 
 READY_PREFIX = "memoir worker ready:"
 
@@ -23,8 +24,7 @@ log = logging.getLogger(__name__)
 
 
 @click.command()
-@click.option("--model", "model_name", required=True,
-              help="Model path or hub id ('builtin' = the built-in tiny Llama).")
+@model_option()
 @click.option("--name", default="default", show_default=True, help="Memory name; consumes queue memoir.<name>.")
 @click.option("--store", "store_path", default=None,
               help="Store directory or database URL (default $MEMOIR_STORE, else ./memoir-store).")
@@ -37,12 +37,13 @@ log = logging.getLogger(__name__)
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Model dtype (W_m stays float32).")
 @click.option("--n-iter", type=int, default=None, help="Optimisation steps per edit (new memory only).")
+@module_path_option
 @click.option("--lock-wait", type=float, default=0.0, show_default=True,
               help="Seconds to wait for another worker's writer lock before giving up.")
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str | None, layer: int | None,
-           top_k: int | None, threshold: float | None, device: str, dtype: str | None, n_iter: int | None, lock_wait: float,
-           loglevel: str) -> None:
+           top_k: int | None, threshold: float | None, device: str, dtype: str | None, n_iter: int | None,
+           module_path: str | None, lock_wait: float, loglevel: str) -> None:
     """Serve memory NAME: apply the edits of queue memoir.<NAME> serially into the store."""
     logging.basicConfig(level=loglevel.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -62,10 +63,12 @@ def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str |
         fail(f"no Redis answers at {settings.redact(url)} (set MEMOIR_REDIS_URL)")
 
     from memoir import ConfigError, MemoirConfig, MemoryMismatchError
+    from memoir.sources import resolve_model
     from workers import activations, tasks
     from workers.runtime import Runtime
     from workers.status_mirror import MirroringStore, Presence, StatusBoard
 
+    resolve_model(model_name)  # fetch or convert it now: a model that cannot be had touches no store
     try:
         store = MirroringStore.open(store_path, tensor_dir)
     except StoreError as exc:
@@ -77,7 +80,8 @@ def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str |
         store.writer_lock(name, wait=lock_wait).release()
         config = MemoirConfig(n_iter=n_iter) if n_iter is not None else None
         runtime = Runtime.open(model_name, store=store, name=name, layer=layer, top_k=top_k, device=device,
-                               dtype=dtype, threshold=threshold, config=config, lock_wait=lock_wait)
+                               dtype=dtype, threshold=threshold, config=config, lock_wait=lock_wait,
+                               module_path=module_path)
         redis_client = settings.redis_client(url)
         board = StatusBoard(redis_client, name)
         store.board = board
