@@ -103,9 +103,19 @@ class Stack:
 
     def drain(self, timeout: float = 300) -> dict[str, Any]:
         """A marker edit through the queue: once it is applied, everything queued before was handled."""
+        from pipeline.client import WaitTimeout
+
         self.markers += 1
-        record = self.client.submit(f"What is marker number {self.markers} of this run?", f"marker {self.markers}",
-                                    name=NAME).wait(timeout=timeout)
+        handle = self.client.submit(f"What is marker number {self.markers} of this run?", f"marker {self.markers}",
+                                    name=NAME)
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.worker.alive(), f"the worker died:\n{self.worker.log_text()[-3000:]}"
+            try:
+                record = handle.wait(timeout=1)
+                break
+            except WaitTimeout:
+                assert time.monotonic() < deadline, f"the marker was not applied:\n{self.worker.log_text()[-3000:]}"
         assert record["status"] == "applied", (record, self.worker.log_text()[-3000:])
         return record
 

@@ -127,7 +127,7 @@ def test_messages_that_are_not_json_are_rejected_not_loaded(stack, tmp_path):
     assert len(parked) == len(raw) + 2, parked
     assert sum("the content is 'application/x-python-serialize'" in p for p in parked) == 1
     assert sum("the content is 'application/x-yaml'" in p for p in parked) == 1
-    assert sum("the body is not JSON" in p for p in parked) == 1  # pickle bytes labelled JSON
+    assert sum("the body is not valid UTF-8" in p for p in parked) == 1  # pickle bytes labelled JSON
     assert sum("headers.task is not valid" in p for p in parked) == 1
 
 
