@@ -229,7 +229,8 @@ def test_a_new_edit_is_served_within_seconds_without_a_restart(stack, zsre):
         assert (memory["seq"], memory["version"]) == (2, 2) and memory["reloads"] == 1, seconds
         assert [e["target"] for e in memory["edits"]] == [zsre[0]["alt"], b["alt"]]
     assert stack.follow.get("/v1/memory")["notices"] >= 1 and stack.polling.get("/v1/memory")["notices"] == 0
-    assert stack.follow.get("/healthz")["following"] and not stack.polling.get("/healthz")["following"]
+    assert stack.follow.get("/healthz")["notices"] and not stack.polling.get("/healthz")["notices"]
+    assert stack.follow.get("/healthz")["following"] and stack.polling.get("/healthz")["following"]  # the ledger
     assert stack.pinned.text(b["src"]) == base  # pinned at seq 1
 
 
@@ -251,8 +252,9 @@ def test_a_pinned_server_does_not_move(stack, zsre):
     assert (memory["seq"], memory["version"], memory["pinned"], memory["at_seq"]) == (1, 1, True, 1)
     assert [e["id"] for e in memory["edits"]] == [stack.edit_a] and memory["reloads"] == 0
     assert stack.pinned.text(zsre[0]["src"]).strip().startswith(zsre[0]["alt"])  # rolled back elsewhere
-    assert stack.pinned.get("/healthz") == {"status": "ok", "name": NAME, "seq": 1, "version": 1,
-                                            "pinned": True, "following": False}
+    assert stack.pinned.get("/healthz") == {"status": "ok", "name": NAME, "seq": 1, "version": 1, "pinned": True,
+                                            "following": False, "lag_s": None, "error": None, "notices": False}
+    assert stack.pinned.get("/readyz") == {"status": "ready", "seq": 1, "version": 1}
 
 
 def test_bad_requests_are_refused_with_openai_errors(stack):

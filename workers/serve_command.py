@@ -2,8 +2,10 @@
 
 Loads the model and memory NAME from the store, newest (following the ledger: change notices
 on Redis `memoir.<name>.changes`, and a poll of the store every `--poll` seconds) or pinned with
-`--at-seq` (never moves). Binds 127.0.0.1 by default; `--port 0` takes a free port. When it
-accepts requests it prints one line on stdout starting with `memoir serve ready:` and the URL.
+`--at-seq` (never moves). Binds 127.0.0.1 by default; `--port 0` takes a free port. It listens
+at once and prints a line starting with `memoir serve listening:` and the URL (`/healthz` answers,
+`/readyz` says 503 while the model and memory load), then one starting with `memoir serve ready:`
+and the URL once it serves. A model or memory that cannot be loaded ends it with `error: ...`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pipeline.cli import fail
 from workers.model_options import model_option
 
 READY_PREFIX = "memoir serve ready:"
+LISTENING_PREFIX = "memoir serve listening:"
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +44,26 @@ log = logging.getLogger(__name__)
               help="Seconds the oldest request waits for others to batch with.")
 @click.option("--poll", "poll_seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds between polls of the store (the fallback when Redis is down).")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
+              help="Largest request body (413 beyond).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests admitted at once, waiting or generating (503 with Retry-After beyond).")
+@click.option("--request-timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+              help="Seconds a request may take, body to last token (408 for a slow body, 504 for the answer).")
 @click.option("--loglevel", default="INFO", show_default=True)
 def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | None, host: str, port: int,
           at_seq: int | None, device: str, dtype: str | None, max_batch: int, batch_wait: float,
-          poll_seconds: float, loglevel: str) -> None:
-    """Serve memory NAME over HTTP: /v1/completions, /v1/chat/completions, /v1/memory, /healthz."""
+          poll_seconds: float, max_body_bytes: int, max_queue: int, request_timeout: float, loglevel: str) -> None:
+    """Serve memory NAME over HTTP: /v1/completions, /v1/chat/completions, /v1/memory, /healthz, /readyz.
+
+    It listens at once (`/readyz` answers 503 until the model and memory are loaded)."""
     logging.basicConfig(level=loglevel.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
     from memoir import ConfigError, MemoryMismatchError
     from store import StoreError
-    from workers.server import Engine, create_app
+    from workers.server import Engine, Limits, create_app
     from workers.serving import Follower, load
 
     try:
@@ -61,27 +72,42 @@ def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | 
         sock.bind((host, port))
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    try:
-        served = load(model_name, store=store_path, name=name, at_seq=at_seq, device=device, dtype=dtype,
-                      tensor_dir=tensor_dir)
-    except (StoreError, ConfigError, MemoryMismatchError, OSError, ValueError) as exc:
-        sock.close()
-        fail(str(exc))
     bound = sock.getsockname()[1]
     url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
-    try:
+    loaded: list = []  # the ServedModel, once loaded
+    failed: list[BaseException] = []
+
+    def start() -> tuple:
+        served = load(model_name, store=store_path, name=name, at_seq=at_seq, device=device, dtype=dtype,
+                      tensor_dir=tensor_dir)
+        loaded.append(served)
         engine = Engine(served, max_batch=max_batch, batch_wait=batch_wait)
-        follower = None if served.pinned else Follower(served, engine.offer, poll_seconds=poll_seconds)
+        return engine, None if served.pinned else Follower(served, engine.offer, poll_seconds=poll_seconds)
 
-        def ready() -> None:
-            click.echo(f"{READY_PREFIX} {url} memory {name!r} at seq {served.seq} (version {served.version}, "
-                       f"{'pinned' if served.pinned else 'following'}), model {model_name}")
-            sys.stdout.flush()
+    def ready() -> None:
+        served = loaded[0]
+        click.echo(f"{READY_PREFIX} {url} memory {name!r} at seq {served.seq} (version {served.version}, "
+                   f"{'pinned' if served.pinned else 'following'}), model {model_name}")
+        sys.stdout.flush()
 
+    def failure(exc: BaseException) -> None:
+        failed.append(exc)
+        server.should_exit = True
+
+    try:
         sock.listen(128)
-        app = create_app(engine, follower, on_ready=ready)
+        click.echo(f"{LISTENING_PREFIX} {url} (loading the model and memory {name!r})")
+        sys.stdout.flush()
+        app = create_app(start, Limits(max_body_bytes, max_queue, request_timeout), on_ready=ready,
+                         on_failure=failure)
         config = uvicorn.Config(app, log_level=loglevel.lower(), access_log=False, timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock])
     finally:
-        served.close()
+        for served in loaded:
+            served.close()
         sock.close()
+    if failed:
+        if isinstance(failed[0], (StoreError, ConfigError, MemoryMismatchError, OSError, ValueError)):
+            fail(str(failed[0]))
+        raise failed[0]

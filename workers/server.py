@@ -2,7 +2,14 @@
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `"stream": true` as
 server-sent events in OpenAI's chunk format, ending with `data: [DONE]`), `GET /v1/models`,
-`GET /v1/memory` (the snapshot served: seq, version, live edits, config) and `GET /healthz`.
+`GET /v1/memory` (the snapshot served: seq, version, live edits, config), `GET /healthz`
+(liveness; `following` and `lag_s` say whether the ledger is being read) and `GET /readyz`
+(503 until the model and memory are loaded).
+
+Bounded (`Limits`): a request body of at most `max_body_bytes` (413), sent within
+`request_timeout` (408); at most `max_queue` requests admitted at once (503 with Retry-After);
+each answered within `request_timeout` (504, its generation stopped). Parsing, tokenisation and
+length checks run on worker threads: the event loop only moves bytes.
 
 One generation thread (`Engine`) owns the model. Requests wait in a small queue; the thread
 takes the oldest, waits `batch_wait` seconds for more with the same sampling settings and runs
@@ -29,13 +36,14 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from types import SimpleNamespace
+from typing import Any, AsyncIterator, Callable, Literal, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from memoir import MemoryState
@@ -48,6 +56,9 @@ DEFAULT_MAX_BATCH = 8
 DEFAULT_BATCH_WAIT = 0.005
 DEFAULT_MAX_TOKENS_LIMIT = 512
 MAX_PROMPTS = 64  # per request: a request's prompts share one batch (and one snapshot)
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_REQUEST_TIMEOUT = 120.0
 
 
 class InvalidRequest(ValueError):
@@ -113,6 +124,9 @@ class ChatBody(_Body):
 
     def limit(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 16
+
+
+BodyT = TypeVar("BodyT", bound=_Body)
 
 
 # -- the generation thread ----------------------------------------------------------------------
@@ -375,9 +389,102 @@ class Engine:
 # -- the HTTP app -------------------------------------------------------------------------------
 
 
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                        status_code=status)
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost the server: its body, its time, and a place in line."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue: int = DEFAULT_MAX_QUEUE  # requests admitted at once (tokenising, waiting or generating)
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # seconds, from the first byte to the last
+
+
+class NotReady(RuntimeError):
+    """The model and memory are still loading (HTTP 503)."""
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+class Bounds:
+    """ASGI middleware in front of the app, for POST requests: reads the body within the request
+    timeout (408) and up to `max_body_bytes` (413; a larger body is read on to a bound and thrown
+    away, so the client gets the answer), then admits at most `max_queue` requests at once (503 with
+    Retry-After); each admitted request carries its deadline (`scope["state"]["deadline"]`) and
+    holds its place until its response, streamed or not, has been sent."""
+
+    DRAIN_FACTOR = 16  # a body past the limit is drained up to this many times it, then cut off
+
+    def __init__(self, app: Any, limits: Limits) -> None:
+        self.app, self.limits = app, limits
+        self.admitted = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        limits = self.limits
+        deadline = time.monotonic() + limits.request_timeout
+        try:
+            body = await asyncio.wait_for(self._read(scope, receive), limits.request_timeout)
+        except asyncio.TimeoutError:
+            response = _error(408, f"the request body did not arrive within {limits.request_timeout:g} s",
+                              code="request_timeout", headers={"Connection": "close"})
+        except OverflowError:
+            response = _error(413, f"the request body is larger than {limits.max_body_bytes} bytes",
+                              code="request_too_large", headers={"Connection": "close"})
+        except ConnectionError:
+            return  # the client left
+        else:
+            if self.admitted >= limits.max_queue:
+                response = _error(503, f"the server is busy ({self.admitted} requests in progress); retry later",
+                                  kind="server_error", code="overloaded", headers={"Retry-After": "1"})
+            else:
+                self.admitted += 1
+                scope.setdefault("state", {})["deadline"] = deadline
+                try:
+                    await self.app(scope, self._replay(body, receive), send)
+                finally:
+                    self.admitted -= 1
+                return
+        await response(scope, receive, send)
+
+    async def _read(self, scope: dict[str, Any], receive: Any) -> bytes:
+        limit = self.limits.max_body_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit * self.DRAIN_FACTOR:
+            raise OverflowError
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ConnectionError
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > limit * self.DRAIN_FACTOR:
+                raise OverflowError
+            if not message.get("more_body", False):
+                break
+        if size > limit:
+            raise OverflowError
+        return b"".join(chunks)
+
+    @staticmethod
+    def _replay(body: bytes, receive: Any) -> Any:
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the client's disconnect
+
+        return replay
 
 
 def _fingerprint(snapshot: Snapshot) -> str:
@@ -396,31 +503,57 @@ def _usage(rows: list[Row]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def create_app(engine: Engine, follower: Any = None, on_ready: Any = None) -> FastAPI:
-    """The FastAPI app over `engine` (started and stopped with the app, as is `follower`)."""
-    served = engine.served
+def _parse(model: type[BodyT], raw: bytes) -> BodyT:
+    """A request body, validated (InvalidRequest naming the first bad field)."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise InvalidRequest(f"{where or 'body'}: {first.get('msg', 'invalid request')}", where or None) from None
+
+
+def create_app(start: Callable[[], tuple[Engine, Any]], limits: Limits = Limits(), on_ready: Any = None,
+               on_failure: Any = None) -> FastAPI:
+    """The FastAPI app. It answers at once; `start()` (the model and memory loading: (engine,
+    follower or None)) runs on a thread, and the engine and follower are started when it returns.
+    Until then `/healthz` says "loading" and `/readyz` and the API answer 503. `on_ready()` is
+    called once serving, `on_failure(exc)` if `start()` fails. Both are stopped with the app."""
+    live = SimpleNamespace(engine=None, follower=None)
+
+    def boot() -> None:
+        try:
+            engine, follower = start()
+            engine.start()
+            if follower is not None:
+                follower.start()
+            live.engine, live.follower = engine, follower
+        except BaseException as exc:  # noqa: BLE001 - reported to the command, which exits
+            log.error("could not load the model and memory: %s", exc)
+            if on_failure is not None:
+                on_failure(exc)
+            return
+        if on_ready is not None:
+            on_ready()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine.start()
-        if follower is not None:
-            follower.start()
-        if on_ready is not None:
-            on_ready()
+        threading.Thread(target=boot, name="memoir-load", daemon=True).start()
         try:
             yield
         finally:
-            if follower is not None:
-                follower.stop()
-            engine.stop()
+            if live.follower is not None:
+                live.follower.stop()
+            if live.engine is not None:
+                live.engine.stop()
 
     app = FastAPI(title="memoir", lifespan=lifespan)
+    app.add_middleware(Bounds, limits=limits)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(400, f"{where}: {first.get('msg', 'invalid request')}", where or None)
+    def engine_() -> Engine:
+        if live.engine is None:
+            raise NotReady("the model and memory are loading")
+        return live.engine
 
     @app.exception_handler(GenerationError)
     async def failed(_: Request, exc: GenerationError) -> JSONResponse:
@@ -430,58 +563,93 @@ def create_app(engine: Engine, follower: Any = None, on_ready: Any = None) -> Fa
     async def refused(_: Request, exc: InvalidRequest) -> JSONResponse:
         return _error(400, str(exc), exc.param)
 
+    @app.exception_handler(NotReady)
+    async def loading(_: Request, exc: NotReady) -> JSONResponse:
+        return _error(503, str(exc), kind="server_error", code="loading", headers={"Retry-After": "1"})
+
+    @app.exception_handler(asyncio.TimeoutError)
+    async def timed_out(_: Request, exc: asyncio.TimeoutError) -> JSONResponse:
+        return _error(504, f"the request did not finish within {limits.request_timeout:g} s", kind="timeout_error",
+                      code="timeout")
+
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
+        """Liveness: 200 while the process works (loading, or serving, even a stale memory);
+        `following` false and `lag_s` when the server cannot read the ledger."""
+        engine = live.engine
+        if engine is None:
+            return JSONResponse({"status": "loading", "following": False})
+        served, follower = engine.served, live.follower
         snapshot = served.snapshot
         ok = engine.alive
+        health = follower.health() if follower is not None else {"following": False, "lag_s": None, "error": None}
         return JSONResponse({"status": "ok" if ok else "down", "name": snapshot.name, "seq": snapshot.seq,
-                             "version": snapshot.version, "pinned": served.pinned,
-                             "following": bool(follower is not None and follower.listening)},
+                             "version": snapshot.version, "pinned": served.pinned, **health,
+                             "notices": bool(follower is not None and follower.listening)},
                             status_code=200 if ok else 503)
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: 503 until the model and memory are loaded (and if the engine stopped)."""
+        engine = live.engine
+        if engine is None or not engine.alive:
+            return JSONResponse({"status": "loading" if engine is None else "down"}, status_code=503)
+        return JSONResponse({"status": "ready", "seq": engine.served.seq, "version": engine.served.version})
 
     @app.get("/v1/memory")
     async def memory() -> dict[str, Any]:
-        return {**served.describe(), "reloads": engine.reloads,
-                "notices": follower.notices if follower is not None else 0}
+        engine = engine_()
+        return {**engine.served.describe(), "reloads": engine.reloads,
+                "notices": live.follower.notices if live.follower is not None else 0}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": served.model_id, "object": "model", "created": 0,
+        return {"object": "list", "data": [{"id": engine_().served.model_id, "object": "model", "created": 0,
                                             "owned_by": "memoir"}]}
 
-    async def run(rows: list[Row], body: _Body) -> Work:
-        for row in rows:
-            engine.check(row)
+    def remaining(request: Request) -> float:
+        return max(0.0, request.state.deadline - time.monotonic())
+
+    async def prepare(request: Request, build: Callable[[Engine, bytes], tuple[_Body, list[Row]]]) -> tuple[
+            Engine, _Body, Work]:
+        """Parse, tokenise and check the request on a worker thread (never on the event loop), then queue it."""
+        engine = engine_()
+        raw = await request.body()
+        body, rows = await asyncio.wait_for(run_in_threadpool(build, engine, raw), remaining(request))
         sampling = Sampling(body.temperature, body.top_p, body.seed, body.use_memory, body.ignore_eos)
         work = Work(rows, sampling, body.stream, asyncio.get_running_loop())
         engine.submit(work)
-        return work
+        return engine, body, work
 
-    async def finished(work: Work) -> list[Row]:
+    async def finished(work: Work, request: Request) -> list[Row]:
         done: dict[int, Row] = {}
         try:
-            while len(done) < len(work.rows):
-                kind, index, payload = await work.events.get()
-                if kind == "error":
-                    raise GenerationError(payload)
-                if kind == "done":
-                    done[index] = payload
+            async with asyncio.timeout(remaining(request)):
+                while len(done) < len(work.rows):
+                    kind, index, payload = await work.events.get()
+                    if kind == "error":
+                        raise GenerationError(payload)
+                    if kind == "done":
+                        done[index] = payload
         finally:
             work.cancelled = len(done) < len(work.rows)
         return [done[i] for i in range(len(work.rows))]
 
-    def sse(work: Work, chunk: Any, usage: bool) -> StreamingResponse:
+    def sse(work: Work, request: Request, chunk: Any, usage: bool) -> StreamingResponse:
         """`chunk(rows_or_None, index, text, finish_reason)` -> one OpenAI chunk."""
 
         async def events() -> AsyncIterator[str]:
             done, started = 0, False
             try:
                 while done < len(work.rows):
-                    kind, index, payload = await work.events.get()
+                    try:
+                        kind, index, payload = await asyncio.wait_for(work.events.get(), remaining(request))
+                    except asyncio.TimeoutError:
+                        kind, payload = "error", f"the request did not finish within {limits.request_timeout:g} s"
                     if not started:  # the engine has set the snapshot before its first event
                         started = True
                         for row in work.rows:
-                            if (first := chunk(row.index, None, None)) is not None:
+                            if work.snapshot is not None and (first := chunk(row.index, None, None)) is not None:
                                 yield f"data: {json.dumps(first)}\n\n"
                     if kind == "error":
                         yield f"data: {json.dumps({'error': {'message': payload, 'type': 'server_error'}})}\n\n"
@@ -500,58 +668,69 @@ def create_app(engine: Engine, follower: Any = None, on_ready: Any = None) -> Fa
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def header(work: Work, kind: str, request_id: str) -> dict[str, Any]:
-        snapshot = work.snapshot or served.snapshot
-        return {"id": request_id, "object": kind, "created": int(time.time()), "model": served.model_id,
+    def header(engine: Engine, work: Work, kind: str, request_id: str) -> dict[str, Any]:
+        snapshot = work.snapshot or engine.served.snapshot
+        return {"id": request_id, "object": kind, "created": int(time.time()), "model": engine.served.model_id,
                 "system_fingerprint": _fingerprint(snapshot)}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody) -> Any:
+    def completion_rows(engine: Engine, raw: bytes) -> tuple[CompletionBody, list[Row]]:
+        body = _parse(CompletionBody, raw)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not 1 <= len(prompts) <= MAX_PROMPTS:
             raise InvalidRequest(f"prompt: 1 to {MAX_PROMPTS} prompts", "prompt")
         stops = body.stops()
-        rows = [Row(n, served.prompt_ids(p) if p.strip() else [], body.max_tokens, stops, lstrip=False)
+        rows = [Row(n, engine.served.prompt_ids(p) if p.strip() else [], body.max_tokens, stops, lstrip=False)
                 for n, p in enumerate(prompts)]
-        work = await run(rows, body)
+        for row in rows:
+            engine.check(row)
+        return body, rows
+
+    def chat_rows(engine: Engine, raw: bytes) -> tuple[ChatBody, list[Row]]:
+        body = _parse(ChatBody, raw)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if not any(m["content"].strip() for m in messages):
+            raise InvalidRequest("messages: all empty", "messages")
+        row = Row(0, engine.served.chat_ids(messages), body.limit(), body.stops(), lstrip=True)
+        engine.check(row)
+        return body, [row]
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        engine, body, work = await prepare(request, completion_rows)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             def chunk(index: int, text: str | None, finish: str | None) -> dict[str, Any] | None:
                 if text is None:
                     return None
-                out = {**header(work, "text_completion", request_id),
+                out = {**header(engine, work, "text_completion", request_id),
                        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
                 if finish is not None:
                     out["memoir"] = _memoir_field(work, [work.rows[index]])
                 return out
 
-            return sse(work, chunk, bool((body.stream_options or {}).get("include_usage")))
-        done = await finished(work)
-        return {**header(work, "text_completion", request_id),
+            return sse(work, request, chunk, bool((body.stream_options or {}).get("include_usage")))
+        done = await finished(work, request)
+        return {**header(engine, work, "text_completion", request_id),
                 "choices": [{"index": r.index, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
                             for r in done],
                 "usage": _usage(done), "memoir": _memoir_field(work, done)}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody) -> Any:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        if not any(m["content"].strip() for m in messages):
-            raise InvalidRequest("messages: all empty", "messages")
-        rows = [Row(0, served.chat_ids(messages), body.limit(), body.stops(), lstrip=True)]
-        work = await run(rows, body)
+    async def chat(request: Request) -> Any:
+        engine, body, work = await prepare(request, chat_rows)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             def chunk(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
                 delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
-                out = {**header(work, "chat.completion.chunk", request_id),
+                out = {**header(engine, work, "chat.completion.chunk", request_id),
                        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
                 if finish is not None:
                     out["memoir"] = _memoir_field(work, [work.rows[index]])
                 return out
 
-            return sse(work, chunk, bool((body.stream_options or {}).get("include_usage")))
-        done = await finished(work)
-        return {**header(work, "chat.completion", request_id),
+            return sse(work, request, chunk, bool((body.stream_options or {}).get("include_usage")))
+        done = await finished(work, request)
+        return {**header(engine, work, "chat.completion", request_id),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": done[0].text},
                              "logprobs": None, "finish_reason": done[0].finish_reason}],
                 "usage": _usage(done), "memoir": _memoir_field(work, done)}
@@ -559,4 +738,4 @@ def create_app(engine: Engine, follower: Any = None, on_ready: Any = None) -> Fa
     return app
 
 
-__all__ = ["ChatBody", "CompletionBody", "Engine", "InvalidRequest", "create_app"]
+__all__ = ["ChatBody", "CompletionBody", "Engine", "InvalidRequest", "Limits", "create_app"]

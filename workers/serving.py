@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_POLL_SECONDS = 2.0
 RESUBSCRIBE_SECONDS = 10.0
+STALE_GRACE = 5.0  # seconds past two polls without a read of the ledger: no longer following
 WAKE_SECONDS = 0.5  # how long `Follower.stop` may wait for a listening thread
 
 Loaded = tuple[Snapshot, MemoryState]
@@ -211,6 +212,8 @@ class Follower:
         self.poll_seconds = poll_seconds
         self.known = served.snapshot.mark
         self.notices = 0
+        self.read_at = time.monotonic()  # when the ledger was last read (the load counts)
+        self.error: str | None = None  # why the last read failed; None once one succeeds
         self._pubsub: Any = None
         self._retry_at = 0.0
         self._stop = threading.Event()
@@ -230,6 +233,13 @@ class Follower:
         """Subscribed to the change notices (False: polling only)."""
         return self._pubsub is not None
 
+    def health(self) -> dict[str, Any]:
+        """`following`: the ledger is being read (the last read succeeded, within two polls and a
+        grace); `lag_s`: seconds since the last successful read; `error`: why the last one failed."""
+        lag = time.monotonic() - self.read_at
+        following = self._thread.is_alive() and self.error is None and lag <= 2 * self.poll_seconds + STALE_GRACE
+        return {"following": following, "lag_s": round(lag, 3), "error": self.error}
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wait()
@@ -239,7 +249,12 @@ class Follower:
                 loaded = self.served.fetch(self.known)
             except Exception as exc:  # noqa: BLE001 - the store may be busy or briefly unreadable: poll again
                 log.warning("could not reload memory %r: %s", self.served.name, exc)
+                self.error = f"{type(exc).__name__}: {exc}".strip()
                 continue
+            if self.error is not None:
+                log.warning("reading the ledger of %r again after %.1fs", self.served.name,
+                            time.monotonic() - self.read_at)
+            self.read_at, self.error = time.monotonic(), None
             if loaded is not None:
                 self.known = loaded[0].mark
                 self.offer(*loaded)
