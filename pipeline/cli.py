@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "status": "pipeline.commands:status",
     "queue": "pipeline.queue_commands:queue",
     "ledger": "pipeline.ledger_commands:ledger",
+    "store": "pipeline.store_commands:store",
     "eval": "workers.eval_command:eval_command",
     "apply": "workers.model_commands:apply",
     "generate": "workers.model_commands:generate",

@@ -108,7 +108,7 @@ class Tables:
             file = pw.TextField()
             sha256 = pw.CharField(max_length=64)
             bytes = pw.BigIntegerField()
-            members = JsonField()  # {edit id: delta sha256} of the applied edits it contains
+            members = JsonField()  # old form: {edit id: delta sha256} it holds; now "{}", its file lists them
             created_at = pw.DateTimeField()
 
         class Writer(Base):
@@ -120,10 +120,25 @@ class Tables:
             host = pw.TextField()
             acquired_at = pw.DateTimeField()
 
+        class Job(Base):
+            """A rollback job (store/jobs.py): what the next worker finishes when one did not."""
+
+            memory = pw.ForeignKeyField(Memory, backref="jobs", on_delete="RESTRICT")
+            job = pw.CharField(unique=True, max_length=255)
+            kind = pw.CharField(max_length=16)
+            edit = pw.ForeignKeyField(Edit, backref="jobs", on_delete="RESTRICT")
+            by_edit = pw.ForeignKeyField(Edit, null=True, backref="superseding_jobs", on_delete="RESTRICT")
+            reason = pw.TextField(null=True)
+            exact = pw.BooleanField(default=False)
+            status = pw.CharField(max_length=16, index=True)
+            error = pw.TextField(null=True)
+            created_at = pw.DateTimeField()
+            updated_at = pw.DateTimeField()
+
         self.db = db
         self.StoreInfo, self.Memory, self.Edit, self.Event = StoreInfo, Memory, Edit, Event
-        self.Checkpoint, self.Writer = Checkpoint, Writer
-        self.all = [StoreInfo, Memory, Edit, Event, Checkpoint, Writer]
+        self.Checkpoint, self.Writer, self.Job = Checkpoint, Writer, Job
+        self.all = [StoreInfo, Memory, Edit, Event, Checkpoint, Writer, Job]
 
     def create(self) -> None:
         """Create missing tables (the event log guarded by triggers against updates and deletes);

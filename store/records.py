@@ -193,7 +193,8 @@ class EventRecord:
 
 @dataclass(frozen=True)
 class CheckpointRecord:
-    """A full copy of W_m (and the index) at a memory version, with the deltas it contains."""
+    """A full copy of W_m (and the index) at a memory version. The deltas it contains are listed
+    in its file (`Store.checkpoint_members`), or in `members` for a checkpoint of the old form."""
 
     id: int
     memory: str
@@ -201,7 +202,7 @@ class CheckpointRecord:
     file: str
     sha256: str
     bytes: int
-    members: dict[int, str]  # edit id -> sha256 of the delta included
+    members: dict[int, str] | None  # old form: edit id -> sha256 of the delta included; None: in the file
     created_at: datetime
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ Methods taking or returning tensors import torch on first use; the rest does not
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import re
 import socket
@@ -30,8 +31,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import peewee as pw
 
+from store import checkpoints as ckpts
 from store import database
+from store import jobs as job_kinds
 from store.files import FILE_MODE, private_dir, write_content_addressed
+from store.jobs import JobRecord
 from store.lock import WriterLock
 from store.models import Tables
 from store.records import (
@@ -65,6 +69,8 @@ if TYPE_CHECKING:
     from memoir.delta import EditDelta
     from memoir.editor import EditResult
     from memoir.state import MemoryState, ModelIdentity
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "./memoir-store"
 LEDGER_FILE = "ledger.db"
@@ -267,11 +273,15 @@ class Store:
     # -- requests and their status -------------------------------------------------------------
     def record_request(self, name: str, request_id: str, prompt: str, target: str, rephrases: Sequence[str] = (),
                        metadata: dict[str, Any] | None = None, replaces: int | None = None,
-                       actor: str | None = None) -> tuple[EditRecord, bool]:
+                       actor: str | None = None, supersedes: Sequence[int] | None = None) -> tuple[EditRecord, bool]:
         """Record a request as `queued` with the next sequence number; returns (edit, created).
 
-        The request id is the idempotency key: the same id with the same payload returns the
-        row already there (created False); with another payload it raises RequestConflictError."""
+        `supersedes` (default: [`replaces`]) are the edits this one replaces: a `pending` job to
+        roll back each is recorded with it (store/jobs.py), `replaces` (default: the first) links
+        them. The request id is the idempotency key: the same id with the same payload returns
+        the row already there (created False); with another payload it raises RequestConflictError."""
+        supersedes = list(supersedes) if supersedes is not None else [replaces] if replaces is not None else []
+        replaces = replaces if replaces is not None or not supersedes else supersedes[0]
         _check_text("request_id", request_id)
         if not request_id.strip() or len(request_id) > MAX_REQUEST_ID:
             raise InvalidRequestError(f"request_id must be 1..{MAX_REQUEST_ID} characters")
@@ -297,14 +307,19 @@ class Store:
             try:
                 with self.db.atomic():
                     self._fence(name)
-                    if replaces is not None:
-                        self._check_replaces(memory, replaces)
+                    for edit_id in {replaces, *supersedes} - {None}:
+                        self._check_replaces(memory, edit_id)
                     seq = (Edit.select(pw.fn.MAX(Edit.seq)).where(Edit.memory == memory.id).scalar() or 0) + 1
                     now = utcnow()
                     row = Edit.create(memory=memory.id, seq=seq, request_id=request_id, payload_sha256=digest,
                                       prompt=prompt, target=target, rephrases=rephrases, metadata=metadata,
                                       status=QUEUED, created_at=now, updated_at=now, replaces=replaces)
                     self._event(memory, row, QUEUED, actor, {"request_id": request_id, "seq": seq})
+                    for old in supersedes:
+                        self.t.Job.create(memory=memory.id, job=job_kinds.supersede_job(row.id, old),
+                                          kind=job_kinds.SUPERSEDE, edit=old, by_edit=row.id,
+                                          reason=f"superseded by edit {row.id}", status=job_kinds.PENDING,
+                                          created_at=now, updated_at=now)
                 return self._edit_record(row), True
             except pw.IntegrityError:
                 if attempt == 2:
@@ -375,9 +390,10 @@ class Store:
         return self.edit(edit_id)
 
     def mark_rolled_back(self, edit: EditRecord | int, reason: str, actor: str | None = None,
-                         detail: dict[str, Any] | None = None) -> EditRecord:
+                         detail: dict[str, Any] | None = None, job: str | None = None) -> EditRecord:
         """applied → rolled_back. The caller has taken the edit's delta out of W_m already.
-        `detail` adds JSON fields to the event (e.g. the rollback job that did it)."""
+        `detail` adds JSON fields to the event (e.g. the rollback job that did it); `job` becomes
+        `running` in the same transaction (recorded now if it was not), until `end_job`."""
         with self.db.atomic():
             row = self._edit_row(edit)
             memory = row.memory
@@ -385,6 +401,8 @@ class Store:
             self._require(row, (APPLIED,), ROLLED_BACK)
             version = self._bump_version(memory)
             now = utcnow()
+            if job is not None:
+                self._start_job(memory, row, job, reason, bool((detail or {}).get("exact")), now)
             self.t.Edit.update(status=ROLLED_BACK, reason=str(reason), rolled_back_at=now, updated_at=now).where(
                 self.t.Edit.id == row.id).execute()
             self._event(memory, row, ROLLED_BACK, actor, {**(detail or {}), "reason": str(reason),
@@ -448,11 +466,59 @@ class Store:
 
     def log_event(self, name: str, kind: str, edit: EditRecord | int | None = None,
                   detail: dict[str, Any] | None = None, actor: str | None = None) -> None:
-        """Append an event of another kind (e.g. a rollback's report) to the log."""
+        """Append an event of another kind (e.g. a rollback's report) to the log (fenced)."""
         memory = self._memory_row(name)
         row = self._edit_row(edit) if edit is not None else None
         with self.db.atomic():
+            self._fence(name)
             self._event(memory, row, kind, actor, detail or {})
+
+    # -- jobs (store/jobs.py) --------------------------------------------------------------------
+    def _start_job(self, memory: Any, edit: Any, job: str, reason: str, exact: bool, now: Any) -> None:
+        Job = self.t.Job
+        found = Job.get_or_none(Job.job == job)
+        if found is None:
+            Job.create(memory=memory.id, job=job, kind=job_kinds.ROLLBACK, edit=edit.id, reason=str(reason),
+                       exact=exact, status=job_kinds.RUNNING, created_at=now, updated_at=now)
+        elif found.edit_id != edit.id or found.status != job_kinds.PENDING:
+            raise StoreError(f"job {job!r} is {found.status} on edit {found.edit_id}: it cannot roll back edit {edit.id}")
+        else:
+            Job.update(status=job_kinds.RUNNING, updated_at=now).where(Job.id == found.id).execute()
+
+    def end_job(self, name: str, job: str, status: str, kind: str, edit: EditRecord | int | None,
+                detail: dict[str, Any], error: str | None = None, actor: str | None = None) -> None:
+        """A job ends `done` or `failed` with its event (`kind`, `detail`), in one fenced transaction.
+        A job the ledger has no row for (begun before jobs were recorded) gets its event only."""
+        if status not in (job_kinds.DONE, job_kinds.FAILED):
+            raise StoreError(f"a job ends done or failed, not {status!r}")
+        memory = self._memory_row(name)
+        row = self._edit_row(edit) if edit is not None else None
+        Job = self.t.Job
+        with self.db.atomic():
+            self._fence(name)
+            self._event(memory, row, kind, actor, detail)
+            Job.update(status=status, error=error, updated_at=utcnow()).where(
+                (Job.job == job) & (Job.memory == memory.id) & Job.status.in_(job_kinds.UNFINISHED)).execute()
+
+    def job(self, job: str) -> JobRecord | None:
+        row = self.t.Job.get_or_none(self.t.Job.job == job)
+        return self._job_record(row) if row is not None else None
+
+    def jobs(self, name: str, status: str | Sequence[str] | None = None, by: int | None = None) -> list[JobRecord]:
+        """The memory's jobs in the order they were recorded; `by`: those of one superseding edit."""
+        Job = self.t.Job
+        query = Job.select(Job, self.t.Memory).join(self.t.Memory).where(Job.memory == self._memory_row(name).id)
+        if status is not None:
+            query = query.where(Job.status.in_([status] if isinstance(status, str) else list(status)))
+        if by is not None:
+            query = query.where(Job.by_edit == by)
+        return [self._job_record(r) for r in query.order_by(Job.id)]
+
+    @staticmethod
+    def _job_record(r: Any) -> JobRecord:
+        return JobRecord(id=r.id, memory=r.memory.name, job=r.job, kind=r.kind, edit_id=r.edit_id,
+                         by_edit_id=r.by_edit_id, reason=r.reason, exact=bool(r.exact), status=r.status,
+                         error=r.error, created_at=r.created_at, updated_at=r.updated_at)
 
     # -- reading -------------------------------------------------------------------------------
     def edit(self, edit_id: int) -> EditRecord:
@@ -519,8 +585,8 @@ class Store:
         C = self.t.Checkpoint
         rows = C.select().where(C.memory == self._memory_row(name).id).order_by(C.version, C.id)
         return [CheckpointRecord(id=r.id, memory=name, version=r.version, file=r.file, sha256=r.sha256,
-                                 bytes=r.bytes, members={int(k): v for k, v in r.members.items()},
-                                 created_at=r.created_at) for r in rows]
+                                 bytes=r.bytes, members=ckpts.row_members(r.members), created_at=r.created_at)
+                for r in rows]
 
     def path(self, relative: str) -> Path:
         """Absolute path of a tensor file recorded in the ledger."""
@@ -539,20 +605,45 @@ class Store:
             raise StoreError(f"edit {record.id} ({record.status}) has no delta")
         return tensors.delta_from_bytes(tensors.read_checked(self.path(record.delta_file), record.delta_sha256))
 
+    def checkpoint_members(self, checkpoint: CheckpointRecord, loaded: dict[str, Any] | None = None) -> dict[int, str]:
+        """{edit id: delta sha256} of the edits a checkpoint holds (from its file, or from its row
+        for a checkpoint of the old form); `loaded`: its file's tensors, when read already."""
+        if loaded is None and checkpoint.members is None:
+            from safetensors.numpy import load as load_arrays
+
+            from store.tensors import read_checked
+
+            loaded = load_arrays(read_checked(self.path(checkpoint.file), checkpoint.sha256))
+        return ckpts.held(loaded or {}, checkpoint.members)
+
+    def base_checkpoint(self, name: str, before_version: int | None = None
+                        ) -> tuple[CheckpointRecord | None, dict[str, "torch.Tensor"] | None]:
+        """The newest checkpoint taken before memory version `before_version` (None: the newest;
+        0: none) and its file's tensors (hash checked). One whose file is gone (pruned while this
+        reader planned on it) is passed over for the one before it, or none: zeros."""
+        from store import tensors
+
+        for checkpoint in reversed(self.checkpoints(name)):
+            if before_version is not None and checkpoint.version >= before_version:
+                continue
+            try:
+                data = tensors.read_checked(self.path(checkpoint.file), checkpoint.sha256)
+            except tensors.CorruptFileError as exc:
+                if not isinstance(exc.__cause__, FileNotFoundError):
+                    raise
+                log.warning("checkpoint v%d of %r is gone (pruned?): loading from an older one", checkpoint.version, name)
+                continue
+            return checkpoint, tensors.load_checkpoint(data)
+        return None, None
+
     def load_plan(self, name: str, edits: Sequence[EditRecord] | None = None,
                   before_version: int | None = None) -> tuple[CheckpointRecord | None, list[str], list[EditRecord]]:
-        """How a W_m holding exactly `edits` (default: the applied ones) is rebuilt: the newest
-        checkpoint taken before memory version `before_version` (None: the newest; 0: none), the
-        delta hashes to subtract from it (edits it holds that are not wanted, or held with another
-        delta), and the edits whose deltas to add, in the order given."""
+        """How a W_m holding exactly `edits` (default: the applied ones) is rebuilt: the checkpoint
+        `base_checkpoint` gives, the delta hashes to subtract from it (edits it holds that are not
+        wanted, or held with another delta), and the edits whose deltas to add, in the order given."""
+        checkpoint, loaded = self.base_checkpoint(name, before_version)
         edits = self.applied(name) if edits is None else edits
-        checkpoints = [c for c in self.checkpoints(name) if before_version is None or c.version < before_version]
-        checkpoint = checkpoints[-1] if checkpoints else None
-        members = checkpoint.members if checkpoint else {}
-        wanted = {e.id: e.delta_sha256 for e in edits}
-        subtract = [sha for edit_id, sha in sorted(members.items()) if wanted.get(edit_id) != sha]
-        add = [e for e in edits if members.get(e.id) != e.delta_sha256]
-        return checkpoint, subtract, add
+        return (checkpoint, *ckpts.plan(self.checkpoint_members(checkpoint, loaded) if checkpoint else {}, edits))
 
     def weight_of(self, name: str, edits: Sequence[EditRecord], before_version: int | None = None) -> "torch.Tensor":
         """W_m holding exactly `edits` (their recorded deltas, added in the order given), built on the
@@ -561,10 +652,10 @@ class Store:
         from store import tensors
 
         memory = self.get_memory(name)
-        checkpoint, subtract, add = self.load_plan(name, edits, before_version)
+        checkpoint, loaded = self.base_checkpoint(name, before_version)
+        subtract, add = ckpts.plan(self.checkpoint_members(checkpoint, loaded) if checkpoint else {}, edits)
         return tensors.rebuild_weight(
-            (memory.hidden_size, memory.intermediate_size),
-            tensors.read_checked(self.path(checkpoint.file), checkpoint.sha256) if checkpoint else None,
+            (memory.hidden_size, memory.intermediate_size), loaded,
             (tensors.read_checked(self.delta_path(name, sha), sha) for sha in subtract),
             (tensors.read_checked(self.path(e.delta_file), e.delta_sha256) for e in add))
 
@@ -581,21 +672,26 @@ class Store:
         return tensors.build_state(memory.metadata, fixed, weight, {e.id: e.mask for e in applied}, expect)
 
     def checkpoint_due(self, name: str) -> bool:
-        memory = self.get_memory(name)
-        checkpoints = self.checkpoints(name)
-        last = checkpoints[-1].version if checkpoints else 0
+        """Whether `checkpoint_every` changes of W_m have been made since the newest checkpoint:
+        two small queries, whatever the history (run after every edit)."""
+        memory = self._memory_row(name)
+        C = self.t.Checkpoint
+        last = C.select(pw.fn.MAX(C.version)).where(C.memory == memory.id).scalar() or 0
         return memory.version - last >= memory.checkpoint_every
 
     def checkpoint(self, name: str, weight: "torch.Tensor") -> CheckpointRecord:
-        """Save W_m as it stands now (the caller's live memory) with the index of the applied edits."""
+        """Save W_m as it stands now (the caller's live memory) with the index of the applied edits
+        and the delta each holds (in the file: the ledger row records the version)."""
         from store import tensors
 
         memory = self.get_memory(name)
         if tuple(weight.shape) != (memory.hidden_size, memory.intermediate_size):
             raise StoreError(f"W_m has shape {tuple(weight.shape)}; memory {name!r} has "
                              f"{(memory.hidden_size, memory.intermediate_size)}")
-        applied = self.applied(name)
-        data = tensors.checkpoint_bytes(weight, {e.id: e.mask for e in applied}, memory.top_k, memory.version)
+        Edit = self.t.Edit
+        held = [(i, bytes(mask), sha) for i, mask, sha in Edit.select(Edit.id, Edit.mask, Edit.delta_sha256).where(
+            (Edit.memory == memory.id) & (Edit.status == APPLIED)).tuples()]
+        data = tensors.checkpoint_bytes(weight, held, memory.intermediate_size, memory.top_k, memory.version)
         path, sha = write_content_addressed(self.tensor_dir, f"{name}/checkpoints", data,
                                             prefix=f"v{memory.version:08d}-")
         with self.db.atomic():
@@ -604,11 +700,27 @@ class Store:
             if row.version != memory.version:
                 raise StoreError(f"memory {name!r} changed while its checkpoint was written; take it again")
             self.t.Checkpoint.create(memory=row.id, version=memory.version, file=path, sha256=sha,
-                                            bytes=len(data), members={str(e.id): e.delta_sha256 for e in applied},
-                                            created_at=utcnow())
+                                     bytes=len(data), members={}, created_at=utcnow())
             self._event(row, None, "checkpoint", None, {"version": memory.version, "file": path,
-                                                        "sha256": sha, "edits": len(applied)})
+                                                        "sha256": sha, "edits": len(held)})
         return self.checkpoints(name)[-1]
+
+    def prune_checkpoints(self, name: str, keep: int = ckpts.DEFAULT_KEEP) -> list[CheckpointRecord]:
+        """Remove all but the newest `keep` (>= 1) checkpoints of a memory: the rows (fenced, with a
+        `checkpoints_pruned` event), then their files. Returns those removed. Nothing a past memory
+        needs is lost: deltas are never deleted (store/checkpoints.py)."""
+        keep = ckpts.check_keep(keep)
+        with self.db.atomic():
+            self._fence(name)
+            memory, checkpoints = self._memory_row(name), self.checkpoints(name)
+            removed, kept = checkpoints[:-keep], checkpoints[-keep:]
+            if removed:
+                self.t.Checkpoint.delete().where(self.t.Checkpoint.id.in_([c.id for c in removed])).execute()
+                self._event(memory, None, "checkpoints_pruned", None, {
+                    "removed": [c.version for c in removed], "kept": [c.version for c in kept]})
+        for file in {c.file for c in removed} - {c.file for c in kept}:
+            self.path(file).unlink(missing_ok=True)
+        return removed
 
     def verify(self, name: str | None = None, live: "MemoryState | None" = None,
                atol: float = 1e-5, rtol: float = 1e-4) -> VerifyReport:

@@ -16,6 +16,7 @@ from safetensors.torch import save as save_bytes
 
 from memoir.delta import EditDelta
 from memoir.state import MemoryMismatchError, MemoryState, ModelIdentity
+from store.checkpoints import MEMBERS
 from store.files import sha256_bytes
 from store.records import StoreError
 
@@ -57,11 +58,27 @@ def index_tensors(masks: dict[int, list[int]], k: int) -> dict[str, torch.Tensor
             "masks": torch.tensor([masks[i] for i in ids], dtype=torch.int32).reshape(len(ids), k)}
 
 
-def checkpoint_bytes(weight: torch.Tensor, masks: dict[int, list[int]], k: int, version: int) -> bytes:
-    """W_m (fp32) and the retrieval index it goes with (edit ids and their masks)."""
+def checkpoint_bytes(weight: torch.Tensor, held: list[tuple[int, bytes, str]], size: int, k: int,
+                     version: int) -> bytes:
+    """W_m (fp32), the retrieval index it goes with (edit ids and their masks) and the delta each
+    edit held (sha256, 32 bytes a row), from (edit id, D-bit mask bitmap, delta sha256) rows."""
+    import numpy as np
+
+    held = sorted(held)
+    bits = np.frombuffer(b"".join(row[1] for row in held), dtype=np.uint8).reshape(len(held), -1)
+    columns = np.unpackbits(bits, axis=1, count=size, bitorder="little").nonzero()[1]
+    if columns.size != len(held) * k:
+        raise StoreError(f"the masks of the edits to checkpoint do not all have {k} columns")
     tensors = {"weight": weight.detach().to(device="cpu", dtype=torch.float32).contiguous(),
-               **index_tensors(masks, k)}
+               "mask_edit_ids": torch.tensor([row[0] for row in held], dtype=torch.int64),
+               "masks": torch.from_numpy(columns.astype(np.int32).reshape(len(held), k)),
+               MEMBERS: torch.frombuffer(bytearray(b"".join(bytes.fromhex(row[2]) for row in held)),
+                                         dtype=torch.uint8).reshape(len(held), 32)}
     return save_bytes(tensors, metadata={"version": str(version)})
+
+
+def load_checkpoint(data: bytes) -> dict[str, torch.Tensor]:
+    return load_bytes(data)
 
 
 def is_empty(state: MemoryState) -> bool:
@@ -80,11 +97,11 @@ def build_state(meta: dict[str, Any], fixed: bytes, weight: torch.Tensor,
     return state
 
 
-def rebuild_weight(shape: tuple[int, int], checkpoint: bytes | None,
+def rebuild_weight(shape: tuple[int, int], checkpoint: dict[str, torch.Tensor] | None,
                    subtract: Iterable[bytes], add: Iterable[bytes]) -> torch.Tensor:
-    """Newest checkpoint (or zeros), minus the deltas it holds that are no longer applied, plus
-    the applied deltas it lacks (in the order they were applied: the same sums as the live memory)."""
-    weight = load_bytes(checkpoint)["weight"] if checkpoint is not None else torch.zeros(shape, dtype=torch.float32)
+    """A checkpoint's W_m (or zeros), minus the deltas it holds that are not wanted, plus the
+    wanted deltas it lacks (in the order they were applied: the same sums as the live memory)."""
+    weight = checkpoint["weight"] if checkpoint is not None else torch.zeros(shape, dtype=torch.float32)
     if tuple(weight.shape) != tuple(shape):
         raise CorruptFileError(f"checkpoint W_m has shape {tuple(weight.shape)}, the memory {tuple(shape)}")
     for data in subtract:

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from safetensors.numpy import load as load_bytes
 
+from store import checkpoints as ckpts
 from store.files import TMP_SUFFIX, sha256_bytes
-from store.records import APPLIED, FAILED, PENDING, ROLLED_BACK, STATUSES, EditRecord, VerifyReport
+from store.records import APPLIED, FAILED, PENDING, ROLLED_BACK, STATUSES, EditRecord, StoreError, VerifyReport
 
 if TYPE_CHECKING:
     from memoir.state import MemoryState
@@ -135,11 +136,21 @@ def _verify_memory(store: "Store", memory: Any, live: "MemoryState | None", repo
             total[:, tensors["mask"].astype(np.int64)] += _dense(tensors)
     checkpoints = store.checkpoints(name)
     report.checked["checkpoints"] += len(checkpoints)
-    for ckpt in checkpoints:
+    tensors, members = None, None
+    for ckpt in checkpoints:  # every file's hash; the deltas each holds are not orphans
         referenced.add(ckpt.file)
+        tensors, members = files.load(ckpt.file, ckpt.sha256, f"checkpoint v{ckpt.version}"), ckpt.members
+        try:
+            members = ckpts.held(tensors, ckpt.members) if tensors is not None else members
+        except StoreError as exc:
+            errors.append(f"{prefix}checkpoint v{ckpt.version}: {exc}")
+            tensors = None
         referenced.update(store.delta_path(name, sha).relative_to(store.tensor_dir).as_posix()
-                          for sha in ckpt.members.values())
-    rebuilt = _rebuild(store, name, files, checkpoints, edits, applied, shape, prefix, errors)
+                          for sha in (members or {}).values())
+    rebuilt = None
+    if checkpoints and tensors is not None:  # without one, loading sums the deltas from zero: the total
+        rebuilt = _rebuild(store, name, files, checkpoints[-1], tensors, members, edits, applied, shape, prefix,
+                           errors)
     if rebuilt is not None:
         ok, diff = _close(rebuilt, total, atol, rtol)
         report.checked["max_abs_diff"] = max(report.checked["max_abs_diff"], diff)
@@ -198,29 +209,23 @@ def _check_shapes(tensors: dict[str, np.ndarray], memory: Any, what: str, errors
         errors.append(f"{what}: its delta file does not have the memory's shapes (d={d}, k={k})")
 
 
-def _rebuild(store: "Store", name: str, files: _Files, checkpoints: list, edits: list[EditRecord],
-             applied: list[EditRecord], shape: tuple[int, int], prefix: str, errors: list[str]) -> np.ndarray | None:
-    """W_m the way `load_state` builds it, in numpy; also checks every checkpoint file's hash."""
-    for ckpt in checkpoints[:-1]:
-        files.load(ckpt.file, ckpt.sha256, f"checkpoint v{ckpt.version}")
-    if not checkpoints:
-        return None  # loading sums the deltas from zero: the same computation as the total
-    newest = checkpoints[-1]
-    tensors = files.load(newest.file, newest.sha256, f"checkpoint v{newest.version}")
-    if tensors is None:
-        return None
+def _rebuild(store: "Store", name: str, files: _Files, newest: Any, tensors: dict[str, np.ndarray],
+             members: dict[int, str], edits: list[EditRecord], applied: list[EditRecord], shape: tuple[int, int],
+             prefix: str, errors: list[str]) -> np.ndarray | None:
+    """W_m the way `load_state` builds it, in numpy, on the newest checkpoint (its `tensors`,
+    holding the deltas `members`)."""
     weight = tensors["weight"].astype(np.float32).copy()
     if weight.shape != shape:
         errors.append(f"{prefix}checkpoint v{newest.version} has W_m of shape {weight.shape}, not {shape}")
         return None
     index = dict(zip(tensors["mask_edit_ids"].tolist(), (tuple(m) for m in tensors["masks"].tolist())))
-    if set(index) != set(newest.members):
+    if set(index) != set(members):
         errors.append(f"{prefix}checkpoint v{newest.version}: its index holds edits {sorted(index)}, "
-                      f"its ledger row {sorted(newest.members)}")
+                      f"its list of deltas {sorted(members)}")
     by_id = {e.id: e for e in edits}
     wrong = []
     for edit_id, mask in index.items():  # each held mask vs the mask of the delta the checkpoint holds
-        sha, edit = newest.members.get(edit_id), by_id.get(edit_id)
+        sha, edit = members.get(edit_id), by_id.get(edit_id)
         if edit is not None and edit.delta_sha256 == sha and edit.mask is not None:
             held = tuple(edit.mask)
         else:  # replayed since: its old delta file has the mask
@@ -231,7 +236,7 @@ def _rebuild(store: "Store", name: str, files: _Files, checkpoints: list, edits:
             wrong.append(edit_id)
     if wrong:
         errors.append(f"{prefix}checkpoint v{newest.version}: the masks of edits {sorted(wrong)} differ from their deltas'")
-    _, subtract, add = store.load_plan(name, applied)
+    subtract, add = ckpts.plan(members, applied)
     for sha in subtract:
         relative = store.delta_path(name, sha).relative_to(store.tensor_dir).as_posix()
         delta = files.load(relative, sha, f"delta {sha[:12]}… held by checkpoint v{newest.version}")

@@ -31,7 +31,11 @@ Jobs and chunks: a rollback is a job named by its request id. Re-optimising edit
 part, so it runs in chunks of at most `budget` seconds; the ledger is the cursor (E's
 `rolled_back` event lists the edits to replay, each `replayed`/`replay_failed` event names the
 job, a `rollback_progress` event ends each chunk, `rollback_done` ends the job). A chunk that
-runs twice (a redelivered message) finds its work done and does nothing again.
+runs twice (a redelivered message) finds its work done and does nothing again. The job itself is
+a ledger row (store/jobs.py), `running` from the commit that rolls its edit back until the one
+that writes `rollback_done`: a job a crash or an unwritable store interrupted is finished by the
+next worker at start (workers/jobs.py). A replay that fails for its own reasons is recorded
+(`replay_failed`) and the job goes on; one the store interrupts (INTERRUPTIONS) stops the job.
 
 Superseding edits are in workers/supersede.py, the activation cache that scores edits in
 workers/activations.py, and replay (rebuilding the memory from the ledger) in workers/replay.py.
@@ -48,10 +52,16 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import peewee as pw
 import torch
 
 from memoir import EditDelta, EditRefusedError, EditResult, Editor, InvalidEditError
-from store import APPLIED, ROLLED_BACK, EditRecord, Store, StoreError
+from store import APPLIED, ROLLED_BACK, EditRecord, FencingError, Store, StoreError
+from store.jobs import DONE as JOB_DONE
+from store.jobs import FAILED as JOB_FAILED
+from store.jobs import JOB_FAILED as JOB_FAILED_EVENT
+from store.jobs import PENDING as JOB_PENDING
+from store.jobs import RUNNING as JOB_RUNNING
 from workers.activations import activation_cache
 
 if TYPE_CHECKING:
@@ -241,14 +251,28 @@ def begin_rollback(runtime: "Runtime", ref: int | str, reason: str | None = None
 def start_rollback(runtime: "Runtime", ref: int | str, reason: str | None = None, exact: bool = False,
                    job: str | None = None, budget: float | None = None, actor: str | None = None) -> RollbackReport:
     """`begin_rollback`, then the job's first chunk of replays (at most `budget` seconds, at
-    least one replay). A job already started under the same name (a redelivered message) is
-    continued instead. `report.done` is False when replays remain for `continue_rollback`."""
+    least one replay). A job already started under the same name (a redelivered message, a job
+    resumed at start) is continued instead; a pending one (a superseding edit's) rolls back the
+    edit it names, and fails, recorded, if that edit is not live. `report.done` is False when
+    replays remain for `continue_rollback`."""
     _require_writer(runtime)
-    existing = find_edit(runtime.store, ref)
+    store = runtime.store
+    recorded = store.job(job) if job is not None else None
+    if recorded is not None and recorded.status != JOB_PENDING:
+        if recorded.status == JOB_FAILED:
+            raise RollbackError(f"job {job} failed: {recorded.error}")
+        return continue_rollback(runtime, job, recorded.edit_id, budget, actor)
+    existing = find_edit(store, ref) if recorded is None else None
     if job is not None and existing is not None and existing.status == ROLLED_BACK \
-            and _load_job(runtime.store, existing, job) is not None:
+            and _load_job(store, existing, job) is not None:  # begun before the ledger recorded jobs
         return continue_rollback(runtime, job, existing.id, budget, actor)
-    report = begin_rollback(runtime, ref, reason, exact, job, actor)
+    try:
+        report = begin_rollback(runtime, ref if recorded is None else recorded.edit_id, reason, exact, job, actor)
+    except RollbackError as exc:
+        if recorded is not None:
+            store.end_job(runtime.name, job, JOB_FAILED, JOB_FAILED_EVENT, recorded.edit_id, {"job": job, "error": str(exc)},
+                          error=str(exc), actor=actor)
+        raise
     return continue_rollback(runtime, report.job, report.rolled_back, budget, actor)
 
 
@@ -272,7 +296,7 @@ def _begin_fast(runtime: "Runtime", edit: EditRecord, reason: str, job: str, act
         memory.weight[:, columns] = saved
     worse = [i for i in answering if not bool(after[i].all())]
     store.mark_rolled_back(edit, reason, actor, detail={"job": job, "exact": False, "checked": ids,
-                                                        "answering": answering, "replay": worse})
+                                                        "answering": answering, "replay": worse}, job=job)
     editor.remove(edit.id, delta)
     return RollbackReport(rolled_back=edit.id, job=job, exact=False, checked=ids, captured=captured,
                           remaining=len(worse))
@@ -283,7 +307,8 @@ def _begin_exact(runtime: "Runtime", edit: EditRecord, reason: str, job: str, ac
     later = sorted((e for e in store.applied(runtime.name) if e.seq > edit.seq), key=lambda e: e.seq)
     ids = [e.id for e in later]
     delta = store.load_delta(edit)
-    store.mark_rolled_back(edit, reason, actor, detail={"job": job, "exact": True, "checked": ids, "replay": ids})
+    store.mark_rolled_back(edit, reason, actor, detail={"job": job, "exact": True, "checked": ids, "replay": ids},
+                           job=job)
     runtime.editor.remove(edit.id, delta)
     return RollbackReport(rolled_back=edit.id, job=job, exact=True, checked=ids, remaining=len(ids))
 
@@ -379,7 +404,7 @@ def _run_chunk(runtime: "Runtime", edit_id: int, job: str, budget: float | None,
     if remaining:
         return report
     report.done = True
-    store.log_event(name, ROLLBACK_DONE, edit, report.to_dict(), actor=actor)
+    store.end_job(name, job, JOB_DONE, ROLLBACK_DONE, edit, report.to_dict(), actor=actor)
     if report.failed or report.worse:
         log.warning("rollback of edit %d: replays failed %s; still worse than before: %s", edit.id,
                     sorted(report.failed), report.worse)
@@ -407,6 +432,11 @@ def _recheck(runtime: "Runtime", rolled: EditRecord, state: _Job, actor: str | N
     return len(worse)
 
 
+def _running(store: Store, job: str) -> bool:
+    recorded = store.job(job)
+    return recorded is not None and recorded.status == JOB_RUNNING
+
+
 def _out_of_time(started: float, budget: float | None, count: int) -> bool:
     return budget is not None and count > 0 and time.perf_counter() - started >= budget
 
@@ -420,6 +450,10 @@ def _replay_failed(runtime: "Runtime", edit: EditRecord, detail: dict[str, Any],
 
 
 REPLAY_ERRORS = (EditRefusedError, InvalidEditError, RollbackError)
+# The store or the ledger cannot be written (disk full, read-only, the database gone) or this
+# writer lost its lock: the job stops where it is, unfinished in the ledger, for the next worker.
+# Any other error replaying one edit fails that replay (the edit keeps its recorded contribution).
+INTERRUPTIONS = (OSError, pw.DatabaseError, FencingError)
 
 
 def _fast_chunk(runtime: "Runtime", rolled: EditRecord, detail: dict[str, Any], report: RollbackReport,
@@ -432,7 +466,9 @@ def _fast_chunk(runtime: "Runtime", rolled: EditRecord, detail: dict[str, Any], 
             reoptimise(runtime, edit, f"rollback of edit {rolled.id} made it worse", detail)
             if edit.id not in report.replayed:
                 report.replayed.append(edit.id)
-        except REPLAY_ERRORS as exc:
+        except INTERRUPTIONS:
+            raise
+        except Exception as exc:  # noqa: BLE001 - REPLAY_ERRORS and any other fault of this one replay
             _replay_failed(runtime, edit, detail, exc, report)
         count += 1
     return count
@@ -477,7 +513,9 @@ def _exact_chunk(runtime: "Runtime", rolled: EditRecord, detail: dict[str, Any],
                 store.mark_replayed(edit, result, reason=f"exact rollback of edit {rolled.id}", detail=detail)
                 result.delta.apply_to(work, 1.0)  # the same sum as in W_m, bit for bit
                 report.replayed.append(edit.id)
-            except REPLAY_ERRORS as exc:
+            except INTERRUPTIONS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - REPLAY_ERRORS and any other fault of this one replay
                 _replay_failed(runtime, edit, detail, exc, report)
                 store.load_delta(edit).apply_to(work, 1.0)
             in_work.add(edit.id)
@@ -505,7 +543,9 @@ def rollback_message(runtime: "Runtime", task_id: str, message: Any,
     publish (under the job's request id) and the message of the next chunk, if one is needed.
 
     A refused rollback (unknown edit, not applied, wrong memory, bad message) or a failed one
-    gives a `failed` record and changes nothing; only a lost writer lock (FencingError) raises."""
+    gives a `failed` record and changes nothing; a lost writer lock (FencingError) raises, and so
+    does any error after the job began (its edit is rolled back; the job, `running` in the ledger,
+    is finished by the next worker at start: `Runtime.resume`)."""
     from pipeline.schema import RequestError, check_request_id, validate_rollback
     from store import FencingError
 
@@ -531,6 +571,8 @@ def rollback_message(runtime: "Runtime", task_id: str, message: Any,
     except FencingError:
         raise
     except Exception as exc:  # noqa: BLE001 - a bad rollback must not stop the worker; the memory is restored
+        if _running(runtime.store, job):  # its edit is out of W_m: the job must finish, not fail; the task
+            raise  # stops the worker, the message is requeued and the next worker finishes the job at start
         log.warning("rollback %s failed: %s", job, exc)
         return _task_outcome(job, "rollback", "failed", reason=f"{type(exc).__name__}: {exc}"), None
     outcome = _task_outcome(job, "rollback", "done" if report.done else "running", edit_id=report.rolled_back,

@@ -2,8 +2,9 @@
 id, a request id or "same-prompt") is applied and those edits are rolled back in the same
 operation (workers/rollback.py), once the new edit is applied. The ledger links them: the new
 edit's `replaces`, a `supersedes` event on it per replaced edit ({"replaced", "job"}), and on
-the replaced edit the `rolled_back` event of job `supersede-<new>-<old>`; a redelivered request
-finishes the rollbacks a crash left undone.
+the replaced edit the `rolled_back` event of job `supersede-<new>-<old>`. Those jobs are
+recorded `pending` with the new edit (store/jobs.py) and run by workers/jobs.py: here once it is
+applied, and by the next worker at start when a crash left them undone.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pipeline.schema import SAME_PROMPT, RequestError, check_replaces, check_request_id
-from store import APPLIED, ROLLED_BACK, EditRecord, Store
-from workers.rollback import RollbackError, _load_job, live_edit, rollback
+from store import EditRecord, Store
+from store.jobs import supersede_job as job_name
+from workers.jobs import SUPERSEDES, run_superseding_jobs
+from workers.rollback import RollbackError, live_edit
 
 if TYPE_CHECKING:
     from workers.runtime import Runtime
-
-SUPERSEDES = "supersedes"  # event of a superseding edit: {"replaced": edit id, "job": its rollback job}
 
 
 def replaced_edits(store: Store, name: str, request: dict[str, Any]) -> list[EditRecord]:
@@ -42,25 +43,7 @@ def replaced_edits(store: Store, name: str, request: dict[str, Any]) -> list[Edi
 def supersede_job(new: EditRecord, old: EditRecord) -> str:
     """The rollback job of `old` superseded by `new`: named by both, so a redelivered request
     finds (and finishes) the job a crash interrupted."""
-    return f"supersede-{new.id}-{old.id}"
-
-
-def _still_superseded(store: Store, name: str, new: EditRecord, ref: int | str) -> list[EditRecord]:
-    """The edits applied edit `new` replaces that are still to roll back: the live ones, and
-    those whose superseding job a crash left unfinished."""
-    if ref == SAME_PROMPT:
-        named = [e for e in store.edits(name, status=[APPLIED, ROLLED_BACK])
-                 if e.prompt == new.prompt and e.seq < new.seq]
-    else:
-        named = [store.edit(new.replaces)] if new.replaces is not None else []
-    out = []
-    for edit in named:
-        if edit.status == ROLLED_BACK:
-            job = _load_job(store, edit, supersede_job(new, edit))
-            if job is None or job.finished:
-                continue
-        out.append(edit)
-    return out
+    return job_name(new.id, old.id)
 
 
 def apply_superseding(runtime: "Runtime", request: Any, actor: str | None = None) -> dict[str, Any]:
@@ -86,24 +69,19 @@ def apply_superseding(runtime: "Runtime", request: Any, actor: str | None = None
             check_request_id(request_id)
     except RequestError as exc:
         return {**runtime._refused(request_id, str(exc)), "superseded": []}
+    supersedes = None
     if request_id is not None and store.edit_by_request(request_id) is not None:
-        request = {**request, "replaces": None}  # recorded already, with what it replaces
+        request = {**request, "replaces": None}  # recorded already, with the jobs of what it replaces
     else:
         try:
             named = replaced_edits(store, name, {**request, "replaces": ref})
         except RollbackError as exc:
             return {**runtime._refused(request_id, f"replaces: {exc}"), "superseded": []}
-        request = {**request, "replaces": named[0].id}
-    outcome = runtime.apply_request(request)
-    if outcome["status"] != APPLIED:
+        request, supersedes = {**request, "replaces": named[0].id}, [e.id for e in named]
+    outcome = runtime.apply_request(request, supersedes=supersedes)
+    if outcome["edit_id"] is None:
         return {**outcome, "superseded": []}
-    new = store.edit(outcome["edit_id"])
-    reports = []
-    for old in _still_superseded(store, name, new, ref):
-        job = supersede_job(new, old)
-        if not any(e.detail.get("job") == job for e in store.events(new, kinds=[SUPERSEDES])):
-            store.log_event(name, SUPERSEDES, new, {"replaced": old.id, "job": job}, actor=actor)
-        reports.append(rollback(runtime, old.id, f"superseded by edit {new.id}", job=job, actor=actor))
+    reports = run_superseding_jobs(runtime, store.edit(outcome["edit_id"]), actor)
     return {**outcome, "superseded": [r.summary() for r in reports]}
 
 

@@ -1,0 +1,75 @@
+"""`memoir store compact`: prune a store's old checkpoints (no torch).
+
+Safe by construction (store/checkpoints.py): only checkpoints go, never a delta, so every past
+memory can still be rebuilt; a reader that planned on a pruned checkpoint falls back on an older
+one. It takes each memory's writer lock first and refuses a memory a worker holds: that worker
+prunes its own checkpoints after each one it takes (`memoir worker --keep-checkpoints`), and no
+checkpoint is ever written while this command prunes.
+"""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli import emit_json, fail
+from pipeline.ledger_commands import STORE_HELP, open_store
+from store.checkpoints import DEFAULT_KEEP
+
+
+@click.group("store")
+def store() -> None:
+    """Maintain the store: prune old checkpoints."""
+
+
+def _orphans(s, name: str) -> list:
+    """Files of the checkpoint directory no ledger row names (a crash between a prune's commit and
+    its deletions, or between writing a checkpoint and committing it): safe to delete under the lock."""
+    directory = s.tensor_dir / name / "checkpoints"
+    named = {s.path(c.file) for c in s.checkpoints(name)}
+    return [p for p in sorted(directory.iterdir()) if p not in named] if directory.is_dir() else []
+
+
+@store.command("compact")
+@click.option("--store", "store_path", default=None, help=STORE_HELP)
+@click.option("--name", default=None, help="memory name (default: every memory)")
+@click.option("--keep-checkpoints", "keep", type=click.IntRange(min=1), default=DEFAULT_KEEP, show_default=True,
+              help="checkpoints kept per memory (the newest)")
+@click.option("--json", "as_json", is_flag=True, help='{"<memory>": {"removed", "kept", "bytes_freed"}}')
+def compact(store_path: str | None, name: str | None, keep: int, as_json: bool) -> None:
+    """Remove all but the newest checkpoints of each memory (and orphan checkpoint files).
+    Refuses a memory whose writer lock a worker holds."""
+    from store import StoreError, WriterLockedError
+
+    out = {}
+    with open_store(store_path) as s:
+        try:
+            names = [name] if name is not None else [m.name for m in s.memories()]
+            for memory in names:
+                s.get_memory(memory)
+                with s.writer_lock(memory):
+                    removed = s.prune_checkpoints(memory, keep)
+                    orphans = _orphans(s, memory)
+                    freed = sum(c.bytes for c in removed) + sum(p.stat().st_size for p in orphans)
+                    for path in orphans:
+                        path.unlink(missing_ok=True)
+                    kept = [c.version for c in s.checkpoints(memory)]
+                out[memory] = {"removed": [c.version for c in removed], "kept": kept, "bytes_freed": freed,
+                               "orphans": [p.name for p in orphans]}
+        except WriterLockedError as exc:
+            fail(f"refusing to compact: {exc} (its writer lock is taken); a running worker prunes its own "
+                 "checkpoints (--keep-checkpoints)")
+        except (StoreError, KeyError) as exc:
+            fail(str(exc))
+    if as_json:
+        emit_json(out)
+        return
+    for memory, r in out.items():
+        removed = f"removed {len(r['removed'])} checkpoints"
+        if r["removed"]:
+            removed += " (" + ", ".join(f"v{v}" for v in r["removed"]) + ")"
+        if r["orphans"]:
+            removed += f" and {len(r['orphans'])} orphan files"
+        click.echo(f"memory {memory!r}: {removed}, kept {len(r['kept'])}, freed {r['bytes_freed']} bytes")
+
+
+__all__ = ["compact", "store"]
