@@ -26,7 +26,13 @@ class MemoirConfig:
 
     layer: int | None = None
     top_k: int | None = None
-    threshold: float = 0.4
+    # None: fitted to the model when the memory is created (memoir.tophash.fit_threshold), so that
+    # an unrelated prompt retrieves none of `threshold_capacity` stored masks but with probability
+    # `threshold_false_retrievals`; the fitted value and its statistics are stored here.
+    threshold: float | None = None
+    threshold_capacity: int = 10_000
+    threshold_false_retrievals: float = 0.01
+    threshold_fit: dict[str, float] | None = None
     n_iter: int = 30
     lr: float = 1.0
     grad_clip: float = 1.0
@@ -46,8 +52,13 @@ class MemoirConfig:
             raise ConfigError(f"layer must be >= 0, got {self.layer}")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
-        if not 0.0 < self.threshold <= 1.0:
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.threshold_capacity < 1:
+            raise ConfigError(f"threshold_capacity must be >= 1, got {self.threshold_capacity}")
+        if not 0.0 < self.threshold_false_retrievals < self.threshold_capacity:
+            raise ConfigError(f"threshold_false_retrievals must be in (0, threshold_capacity), "
+                              f"got {self.threshold_false_retrievals}")
         if self.n_iter < 1:
             raise ConfigError(f"n_iter must be >= 1, got {self.n_iter}")
         if not 0 < self.lr < math.inf:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -28,7 +29,7 @@ from memoir.prompts import (
     make_batch,
 )
 from memoir.state import MemoryMismatchError, MemoryState, ModelIdentity
-from memoir.tophash import make_permutation
+from memoir.tophash import dense_masks, fit_threshold, make_permutation
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class Editor:
             raise ValueError("a memory needs background prompts to compute its background mean")
         site = locate(model, config.layer, config.module_path)
         size = site.in_features
-        memory = ResidualMemory(model.get_submodule(site.module_path), site, config.top_k, config.threshold,
+        memory = ResidualMemory(model.get_submodule(site.module_path), site, config.top_k, config.threshold or 1.0,
                                 make_permutation(size, config.seed), torch.zeros(size))
         attach(model, memory)
         codec = PromptCodec(tokenizer, config.prompt_format, default_prepend_bos(tokenizer))
@@ -146,8 +147,18 @@ class Editor:
                             weight=torch.zeros(site.out_features, size))
         editor = cls(model, tokenizer, memory, state, fast=fast)
         memory.background.copy_(editor._background_mean(prompts))
-        log.info("new MEMOIR memory at %s: k=%d of %d, threshold %.2f", site.module_path, config.top_k, size, config.threshold)
+        if config.threshold is None:
+            editor._fit_threshold(prompts)
+        log.info("new MEMOIR memory at %s: k=%d of %d, threshold %.2f", site.module_path, config.top_k, size, editor.config.threshold)
         return editor
+
+    def _fit_threshold(self, prompts: Sequence[str]) -> None:
+        """Set the retrieval threshold from how the background prompts' masks overlap by chance."""
+        config = self.config
+        fit = fit_threshold(self.masks_of(prompts), config.top_k, config.threshold_capacity,
+                            config.threshold_false_retrievals)
+        self.config = dataclasses.replace(config, threshold=fit["threshold"], threshold_fit=fit)
+        self.memory.threshold = fit["threshold"]
 
     @classmethod
     def from_state(cls, model: nn.Module, tokenizer, state: MemoryState, *, fast: bool = True) -> "Editor":
@@ -210,6 +221,15 @@ class Editor:
         batch = self.batch([prompt])
         acts = _activations(self.model, self.memory, batch)
         return self.memory.columns_for(acts, batch.prompt_mask)[0].cpu()
+
+    def masks_of(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """The TopHash masks of prompts as (len(prompts), D) 0/1 rows."""
+        rows = []
+        for start in range(0, len(prompts), batch_size):
+            batch = self.batch(prompts[start : start + batch_size])
+            acts = _activations(self.model, self.memory, batch)
+            rows.append(dense_masks(self.memory.columns_for(acts, batch.prompt_mask), self.memory.site.in_features))
+        return torch.cat(rows).cpu()
 
     # -- editing ---------------------------------------------------------------------------
     def train(self, prompt: str, target: str, edit_id: int, unrelated: str | None = None) -> EditResult:
@@ -321,20 +341,26 @@ class Editor:
 
     # -- scoring and generation ------------------------------------------------------------
     def score_edit(self, result: EditResult, rephrases: Sequence[str] = ()) -> dict[str, float]:
-        """Rel on its prompt, Gen on its rephrases, self-retrieval, Loc on the check prompts."""
+        """Rel on its prompt, Gen on its rephrases, self-retrieval, Loc on the check prompts: teacher-forced,
+        and the same asked of greedy answers (rel_gen, gen_gen, loc_gen)."""
         rel, retrieved = metrics.accuracy(self, [result.prompt], [result.target], with_retrieval=True)
         scores = {"rel": rel[0], "retrieved": float(result.edit_id in retrieved[0])}
+        scores["rel_gen"] = metrics.answers_with_target(self, [result.prompt], [result.target])[0]
         if rephrases:
             gen, _ = metrics.accuracy(self, list(rephrases), [result.target] * len(rephrases))
             scores["gen"] = sum(gen) / len(gen)
+            gen_gen = metrics.answers_with_target(self, list(rephrases), [result.target] * len(rephrases))
+            scores["gen_gen"] = sum(gen_gen) / len(gen_gen)
         checks = self.background_prompts[: self.config.check_size]
         scores["loc"] = sum(metrics.locality(self, checks)) / len(checks)
+        scores["loc_gen"] = sum(metrics.generation_unchanged(self, checks)) / len(checks)
         return scores
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 16, use_memory: bool = True,
-                 use_cache: bool = True) -> list[str]:
-        """Greedy continuations, batched; retrieval is decided per sequence at prefill."""
+    def generate_ids(self, prompts: Sequence[str], max_new_tokens: int = 16, use_memory: bool = True,
+                     use_cache: bool = True) -> list[list[int]]:
+        """Greedy continuations as token ids, up to and including an end-of-sequence token, batched;
+        retrieval is decided per sequence at prefill."""
         batch = self.batch(prompts, left_pad=True)
         previous = self.memory.enabled
         self.memory.enabled = use_memory
@@ -344,5 +370,24 @@ class Editor:
                                       pad_token_id=self.codec.pad_id)
         finally:
             self.memory.enabled = previous
-        new = out[:, batch.input_ids.shape[1] :]
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        stops = self._stop_ids()
+        rows = []
+        for row in out[:, batch.input_ids.shape[1] :].tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+            rows.append(row[:end])
+        return rows
+
+    def _stop_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            stops.add(self.tokenizer.eos_token_id)
+        return stops
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 16, use_memory: bool = True,
+                 use_cache: bool = True) -> list[str]:
+        """Greedy continuations as text, batched; retrieval is decided per sequence at prefill."""
+        return [self.decode(ids) for ids in self.generate_ids(prompts, max_new_tokens, use_memory, use_cache)]

@@ -6,7 +6,10 @@ Edit the first T valid records one after another (`src` → `alt`), then score a
 - Gen: the same after `rephrase`;
 - Loc: share of `loc_ans` positions after `loc` whose argmax is the unedited model's.
 
-Each is the mean over the T records; `avg` is the mean of the three. With `every`, the same
+Each is the mean over the T records; `avg` is the mean of the three. Beside them, what a user
+reads, from greedy answers (`memoir.metrics`): `rel_gen` (the answer to `src` begins with `alt`),
+`gen_gen` (likewise after `rephrase`), `loc_gen` (the first tokens answered to `loc` are the
+unedited model's) and their mean `avg_gen`. With `every`, the same
 scores are also taken after every `every` edits (on the edits applied so far): the curve of
 quality against the number of edits T.
 """
@@ -32,6 +35,7 @@ from memoir.prompts import InvalidEditError
 log = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = ("src", "alt", "rephrase", "loc", "loc_ans")
+GENERATED_SCORES = ("rel_gen", "gen_gen", "loc_gen", "avg_gen")
 BACKGROUND_RECORDS = 100
 
 Progress = Callable[[int, int], None]
@@ -46,6 +50,7 @@ class ZsreCase:
     rephrase: str
     loc: str
     loc_ans: str
+    subject: str = ""
 
     @classmethod
     def from_record(cls, record: Any) -> "ZsreCase | None":
@@ -55,7 +60,8 @@ class ZsreCase:
         values = [record.get(name) for name in REQUIRED_FIELDS]
         if not all(isinstance(v, str) and v.strip() for v in values):
             return None
-        return cls(*values)
+        subject = record.get("subject")
+        return cls(*values, subject=subject.strip() if isinstance(subject, str) else "")
 
 
 def read_records(path: str | os.PathLike) -> list[Any]:
@@ -79,12 +85,14 @@ def read_records(path: str | os.PathLike) -> list[Any]:
     return records
 
 
-def split_records(records: Sequence[Any], limit: int | None,
-                  background_size: int = BACKGROUND_RECORDS) -> tuple[list[ZsreCase], int, list[str]]:
+def split_records(records: Sequence[Any], limit: int | None, background_size: int = BACKGROUND_RECORDS,
+                  distinct_subjects: bool = False) -> tuple[list[ZsreCase], int, list[str]]:
     """The first `limit` valid cases (all when None), the count of invalid records skipped before
     the last of them, and the background prompts: the `loc` questions of the up to
-    `background_size` records that follow the edited ones."""
+    `background_size` records that follow the edited ones. With `distinct_subjects`, a record
+    whose subject an earlier case has (a later, conflicting edit of the same fact) is passed over."""
     cases: list[ZsreCase] = []
+    subjects: set[str] = set()
     skipped = 0
     end = 0  # records[:end] were read for the cases
     for record in records:
@@ -94,8 +102,9 @@ def split_records(records: Sequence[Any], limit: int | None,
         case = ZsreCase.from_record(record)
         if case is None:
             skipped += 1
-        else:
+        elif not (distinct_subjects and case.subject and case.subject in subjects):
             cases.append(case)
+            subjects.add(case.subject)
     background = [r["loc"] for r in records[end : end + background_size]
                   if isinstance(r, dict) and isinstance(r.get("loc"), str) and r["loc"].strip()]
     return cases, skipped, background
@@ -131,9 +140,14 @@ def _score(editor: Editor, cases: Sequence[ZsreCase]) -> dict[str, Any]:
     locs, answers = [c.loc for c in cases], [c.loc_ans for c in cases]
     loc = metrics.locality(editor, locs, answers)
     _, loc_found = metrics.accuracy(editor, locs, answers, with_retrieval=True)
+    rel_gen = metrics.answers_with_target(editor, prompts, targets)
+    gen_gen = metrics.answers_with_target(editor, [c.rephrase for c in cases], targets)
+    loc_gen = metrics.generation_unchanged(editor, locs)
     n = len(cases)
     out = {"rel": sum(rel) / n, "gen": sum(gen) / n, "loc": sum(loc) / n}
     out["avg"] = (out["rel"] + out["gen"] + out["loc"]) / 3
+    out.update(rel_gen=sum(rel_gen) / n, gen_gen=sum(gen_gen) / n, loc_gen=sum(loc_gen) / n)
+    out["avg_gen"] = (out["rel_gen"] + out["gen_gen"] + out["loc_gen"]) / 3
     out["retrieval"] = {
         "rel": sum(i in found for i, found in enumerate(rel_found)) / n,
         "gen": sum(i in found for i, found in enumerate(gen_found)) / n,
@@ -153,7 +167,7 @@ def _scores(editor: Editor, cases: Sequence[ZsreCase], thresholds: Sequence[floa
 def evaluate(model: nn.Module, tokenizer, records: Sequence[Any], limit: int | None = 100,
              config: MemoirConfig | None = None, background_prompts: Sequence[str] | None = None,
              every: int | None = None, progress: Progress | None = None,
-             thresholds: Sequence[float] = ()) -> dict[str, Any]:
+             thresholds: Sequence[float] = (), distinct_subjects: bool = False) -> dict[str, Any]:
     """Sequential zsRE evaluation: T = `limit` edits one after another on a new memory, then score all T.
 
     The model keeps the new memory attached afterwards (evaluate a fresh load each time).
@@ -163,12 +177,13 @@ def evaluate(model: nn.Module, tokenizer, records: Sequence[Any], limit: int | N
     scoring excluded. With `every`, `curve` holds the scores after every `every` edits and at T.
     With `thresholds`, each score (final and curve points) is also taken at each of those retrieval
     thresholds, under `by_threshold` (one edit run serves them all: training ignores the threshold).
+    `distinct_subjects` edits only the first record of each subject (`split_records`).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if every is not None and every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
-    cases, skipped, background = split_records(records, limit)
+    cases, skipped, background = split_records(records, limit, distinct_subjects=distinct_subjects)
     if not cases:
         raise ValueError("no valid zsRE record to edit (each needs non-empty src, alt, rephrase, loc, loc_ans)")
     if background_prompts is not None:
@@ -202,6 +217,7 @@ def evaluate(model: nn.Module, tokenizer, records: Sequence[Any], limit: int | N
         "gen": final["gen"],
         "loc": final["loc"],
         "avg": final["avg"],
+        **{name: final[name] for name in GENERATED_SCORES},
         "retrieval": final["retrieval"],
         **({"by_threshold": final["by_threshold"]} if thresholds else {}),
         "seconds_per_edit": edit_seconds / total,
@@ -209,6 +225,7 @@ def evaluate(model: nn.Module, tokenizer, records: Sequence[Any], limit: int | N
         "refused": refused,
         "background_prompts": len(editor.background_prompts),
         "distinct_masks": len(editor.memory.index),
+        "distinct_subjects": distinct_subjects,
         "config": editor.config.to_dict(),
     }
     if curve:

@@ -1,4 +1,5 @@
-"""The edit loss and the field's teacher-forced scores (EasyEdit's Rel, Gen, Loc)."""
+"""The edit loss, the field's teacher-forced scores (EasyEdit's Rel, Gen, Loc), and the same
+questions asked of generated answers, as a user reads them (rel_gen, gen_gen, loc_gen)."""
 
 from __future__ import annotations
 
@@ -62,4 +63,38 @@ def locality(editor: "Editor", prompts: Sequence[str], answers: Sequence[str] | 
             base = _argmax(editor, batch)
         same = (edited == base) & scored
         scores += (same.sum(1) / scored.sum(1).clamp_min(1)).tolist()
+    return scores
+
+
+ANSWER_SLACK_TOKENS = 3  # a generated answer may run this many tokens past the target's length
+UNCHANGED_TOKENS = 8  # an unrelated prompt is untouched when this many generated tokens are the base model's
+
+
+def normalised(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def answers_with_target(editor: "Editor", prompts: Sequence[str], targets: Sequence[str],
+                        slack: int = ANSWER_SLACK_TOKENS, batch_size: int = 32) -> list[float]:
+    """Per prompt: 1.0 when its greedy answer, at most the target's length + `slack` tokens, begins
+    with the target (whitespace and case normalised), else 0.0 (rel_gen, gen_gen)."""
+    scores: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk, wanted = prompts[start : start + batch_size], targets[start : start + batch_size]
+        budgets = [len(editor.codec.target_ids(p, t)) + slack for p, t in zip(chunk, wanted)]
+        rows = editor.generate_ids(chunk, max_new_tokens=max(budgets))
+        for row, budget, target in zip(rows, budgets, wanted):
+            scores.append(float(normalised(editor.decode(row[:budget])).startswith(normalised(target))))
+    return scores
+
+
+def generation_unchanged(editor: "Editor", prompts: Sequence[str], tokens: int = UNCHANGED_TOKENS,
+                         batch_size: int = 32) -> list[float]:
+    """Per prompt: 1.0 when its first `tokens` greedy tokens are the unedited model's, else 0.0 (loc_gen)."""
+    scores: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        edited = editor.generate_ids(chunk, max_new_tokens=tokens)
+        base = editor.generate_ids(chunk, max_new_tokens=tokens, use_memory=False)
+        scores += [float(a == b) for a, b in zip(edited, base)]
     return scores

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
+
 import torch
 
 
@@ -36,6 +39,31 @@ def dense_masks(columns: torch.Tensor, size: int, dtype: torch.dtype = torch.flo
     """(B, k) column indices → (B, size) 0/1 rows."""
     out = torch.zeros(columns.shape[0], size, dtype=dtype, device=columns.device)
     return out.scatter_(1, columns, 1.0)
+
+
+def fit_threshold(masks: torch.Tensor, k: int, capacity: int, false_retrievals: float) -> dict[str, float]:
+    """A retrieval threshold fitted to a model from the masks of unrelated prompts (B, D) 0/1.
+
+    Two unrelated prompts' masks overlap by chance: the pairs among `masks` give the mean and
+    spread of that overlap ratio (with fewer than 3 prompts, those of two random k-of-D masks). A
+    query is compared with every stored mask and takes the best, so the threshold must clear the
+    best of `capacity` chance overlaps: it is the ratio a chance overlap exceeds with probability
+    `false_retrievals / capacity` under a normal fit, mean + z·sd. Returns the threshold and the
+    statistics it came from."""
+    size = masks.shape[1]
+    if masks.shape[0] >= 3:
+        ratios = (masks.float() @ masks.float().T) / k
+        upper = torch.triu_indices(masks.shape[0], masks.shape[0], 1)
+        pairs = ratios[upper[0], upper[1]]
+        mean, sd, most, count = float(pairs.mean()), float(pairs.std()), float(pairs.max()), int(pairs.numel())
+    else:  # hypergeometric: k draws from D columns of which k are the other mask's
+        share = k / size
+        mean, sd, most, count = share, math.sqrt(share * (1 - share) * (size - k) / max(1, size - 1) / k), 0.0, 0
+    z = NormalDist().inv_cdf(1.0 - false_retrievals / capacity)
+    threshold = min(1.0, round(mean + z * sd, 4))
+    return {"threshold": threshold, "chance_mean": round(mean, 4), "chance_sd": round(sd, 4),
+            "chance_max": round(most, 4), "pairs": count, "capacity": capacity,
+            "false_retrievals": false_retrievals, "z": round(z, 3)}
 
 
 class MaskIndex:

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from memoir import Editor, MemoirConfig
-from memoir.evaluate import ZsreCase, evaluate, read_records, score, split_records
+from memoir.evaluate import GENERATED_SCORES, ZsreCase, evaluate, read_records, score, split_records
 from workers.eval_command import eval_command
 
 
@@ -39,7 +39,7 @@ def test_split_skips_and_counts_invalid_records_and_takes_the_background_after()
                record(6, alt="   "), record(7), record(8), record(9, loc="")] + [record(i) for i in range(10, 20)]
     cases, skipped, background = split_records(records, limit=3)
     assert [c.prompt for c in cases] == ["question 0?", "question 5?", "question 7?"]
-    assert cases[0] == ZsreCase("question 0?", "new 0", "rephrased 0?", "loc 0?", "ans 0")
+    assert cases[0] == ZsreCase("question 0?", "new 0", "rephrased 0?", "loc 0?", "ans 0", subject="s0")
     assert skipped == 5  # records 1, 2, 3, 4, 6
     assert background[:2] == ["loc 8?", "loc 10?"]  # record 9's loc is empty
     assert len(background) == 11  # records 8 and 10..19
@@ -47,6 +47,14 @@ def test_split_skips_and_counts_invalid_records_and_takes_the_background_after()
     assert background == ["loc 8?"]
     cases, skipped, background = split_records(records, limit=None)
     assert len(cases) == 14 and skipped == 6 and background == []
+
+
+def test_split_with_distinct_subjects_keeps_the_first_record_of_each_subject():
+    records = [record(0), record(1, subject="s0"), record(2), record(3, subject="s2"), record(4), record(5)]
+    cases, skipped, background = split_records(records, limit=3, distinct_subjects=True)
+    assert [c.prompt for c in cases] == ["question 0?", "question 2?", "question 4?"]
+    assert skipped == 0 and background == ["loc 5?"]
+    assert [c.prompt for c in split_records(records, limit=3)[0]] == ["question 0?", "question 1?", "question 2?"]
 
 
 # ------------------------------------------------------------------------------------ scoring
@@ -70,7 +78,7 @@ def test_sequential_evaluation_edits_then_scores_all(trained_llama, zsre):
     model, tokenizer = trained_llama
     records = zsre[52:59]  # record 54 has an empty alt
     calls = []
-    result = evaluate(model, tokenizer, records, limit=5, config=MemoirConfig(layer=2, top_k=146), every=2,
+    result = evaluate(model, tokenizer, records, limit=5, config=MemoirConfig(layer=2, top_k=146, threshold=0.4), every=2,
                       progress=lambda done, total: calls.append((done, total)), thresholds=(0.4, 1.0))
     assert result["edits"] == 5 and result["skipped"] == 1 and result["refused"] == 0
     assert calls == [(i, 5) for i in range(1, 6)]
@@ -83,7 +91,10 @@ def test_sequential_evaluation_edits_then_scores_all(trained_llama, zsre):
     assert result["config"]["layer"] == 2 and result["config"]["top_k"] == 146
     # other thresholds score the same edits: 0.4 is the memory's own; at 1.0 only identical masks match
     assert {k: v for k, v in result["by_threshold"]["0.4"].items()} == {
-        k: result[k] for k in ("rel", "gen", "loc", "avg", "retrieval")}
+        k: result[k] for k in ("rel", "gen", "loc", "avg", "retrieval", *GENERATED_SCORES)}
+    # generated answers: the edited prompts answer their targets, unrelated ones as before
+    assert result["rel_gen"] >= 0.8 and 0.0 <= result["gen_gen"] <= 1.0 and result["loc_gen"] >= 0.5
+    assert result["avg_gen"] == pytest.approx((result["rel_gen"] + result["gen_gen"] + result["loc_gen"]) / 3)
     strict = result["by_threshold"]["1"]
     assert strict["retrieval"]["rel"] == 1.0 and strict["retrieval"]["loc"] == 0.0 and strict["loc"] == 1.0
     assert result["config"]["threshold"] == 0.4

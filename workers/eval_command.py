@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def plot_curve(curve: list[dict[str, Any]], path: str, title: str) -> None:
-    """Rel, Gen and Loc against the number of edits, as a PNG (matplotlib, no display needed)."""
+    """Rel, Gen and Loc against the number of edits, teacher-forced (solid) and from generated
+    answers (dashed, same colour), as a PNG (matplotlib, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,15 +28,16 @@ def plot_curve(curve: list[dict[str, Any]], path: str, title: str) -> None:
 
     edits = [p["edits"] for p in curve]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("rel", "Rel"), ("gen", "Gen"), ("loc", "Loc"), ("avg", "average")):
-        ax.plot(edits, [p[key] for p in curve], marker="o", markersize=3, label=label,
-                linestyle="--" if key == "avg" else "-")
+    for key, label, colour in (("rel", "Rel", "C0"), ("gen", "Gen", "C1"), ("loc", "Loc", "C2")):
+        ax.plot(edits, [p[key] for p in curve], marker="o", markersize=3, color=colour, label=f"{label} (teacher-forced)")
+        ax.plot(edits, [p[f"{key}_gen"] for p in curve], marker="x", markersize=3, color=colour, linestyle="--",
+                label=f"{label} (generated)")
     ax.set_xlabel("number of sequential edits (T)")
     ax.set_ylabel("score")
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -48,15 +50,17 @@ def plot_curve(curve: list[dict[str, Any]], path: str, title: str) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Edit the first N valid records (default: all).")
 @click.option("--layer", type=click.IntRange(min=0), default=None, help="Edited layer (default ≈ 0.84 of the depth).")
 @click.option("--top-k", "top_k", type=click.IntRange(min=1), default=None, help="Mask size k (default ≈ 0.286 D).")
-@click.option("--threshold", type=float, default=None, help="Retrieval threshold on the overlap ratio (default 0.4).")
+@click.option("--threshold", type=float, default=None, help="Retrieval threshold on the overlap ratio (default: fitted to the model).")
 @click.option("--seed", type=int, default=None, help="Seed of the permutation π (default 0).")
+@click.option("--distinct-subjects", is_flag=True,
+              help="Edit only the first record of each subject (zsRE repeats subjects with other targets).")
 @module_path_option
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (last line of stdout).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write Rel/Gen/Loc against the number of edits to this PNG.")
 def eval_command(model_name: str, data_path: str, limit: int | None, layer: int | None, top_k: int | None,
-                 threshold: float | None, seed: int | None, module_path: str | None, device: str, as_json: bool,
+                 threshold: float | None, seed: int | None, distinct_subjects: bool, module_path: str | None, device: str, as_json: bool,
                  plot_path: str | None) -> None:
     """Edit the first N valid zsRE records one after another, then score all of them."""
     import torch
@@ -88,7 +92,8 @@ def eval_command(model_name: str, data_path: str, limit: int | None, layer: int 
 
     every = max(1, math.ceil((limit or len(records)) / CURVE_POINTS)) if plot_path else None
     try:
-        result = evaluate(model, tokenizer, records, limit=limit, config=config, every=every, progress=progress)
+        result = evaluate(model, tokenizer, records, limit=limit, config=config, every=every, progress=progress,
+                          distinct_subjects=distinct_subjects)
     except (ConfigError, UnknownArchitectureError, ValueError) as exc:
         bar.close()
         fail(str(exc))
@@ -102,7 +107,11 @@ def eval_command(model_name: str, data_path: str, limit: int | None, layer: int 
         emit_json(result)
     else:
         click.echo(f"edits {result['edits']} (skipped {result['skipped']} invalid records, refused {result['refused']})")
-        click.echo(f"rel {result['rel']:.4f}  gen {result['gen']:.4f}  loc {result['loc']:.4f}  avg {result['avg']:.4f}")
+        click.echo(f"teacher-forced  rel {result['rel']:.4f}  gen {result['gen']:.4f}  loc {result['loc']:.4f}  "
+                   f"avg {result['avg']:.4f}")
+        click.echo(f"generated       rel {result['rel_gen']:.4f}  gen {result['gen_gen']:.4f}  "
+                   f"loc {result['loc_gen']:.4f}  avg {result['avg_gen']:.4f}")
+        click.echo(f"threshold {result['config']['threshold']:g}")
         click.echo(f"seconds per edit {result['seconds_per_edit']:.3f}")
         if plot_path:
             click.echo(f"plot written to {plot_path}")

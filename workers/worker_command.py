@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 @click.option("--layer", type=int, default=None, help="Edited layer (new memory; must match a stored one).")
 @click.option("--top-k", type=int, default=None, help="Mask size k (new memory; must match a stored one).")
 @click.option("--threshold", type=float, default=None,
-              help="Retrieval threshold: least mask overlap for a prompt to use the memory (new memory; default 0.4).")
+              help="Retrieval threshold: least mask overlap for a prompt to use the memory (new memory; default: fitted to the model, see BENCHMARKS.md).")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Model dtype (W_m stays float32).")
@@ -62,7 +62,7 @@ def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str |
     if not answers(url, timeout=5):
         fail(f"no Redis answers at {settings.redact(url)} (set MEMOIR_REDIS_URL)")
 
-    from memoir import ConfigError, MemoirConfig, MemoryMismatchError
+    from memoir import ConfigError, MemoirConfig, MemoryMismatchError, UnknownArchitectureError
     from memoir.sources import resolve_model
     from workers import activations, tasks
     from workers.runtime import Runtime
@@ -110,7 +110,7 @@ def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str |
         code = celery_worker.exitcode or 0
     except WriterLockedError as exc:
         fail(f"refusing to start: {exc}")
-    except (StoreError, ConfigError, MemoryMismatchError) as exc:
+    except (StoreError, ConfigError, MemoryMismatchError, UnknownArchitectureError) as exc:
         fail(str(exc))
     finally:
         if presence is not None:
