@@ -91,13 +91,13 @@ def model_options(f):
 
 
 def _open_runtime(**kwargs: Any):
-    from memoir import ConfigError, MemoryMismatchError
+    from memoir import ConfigError, MemoryMismatchError, UnknownArchitectureError
     from store import StoreError
     from workers.runtime import Runtime
 
     try:
         return Runtime.open(**kwargs)
-    except (MemoryMismatchError, ConfigError, StoreError, OSError, ValueError) as exc:
+    except (MemoryMismatchError, ConfigError, StoreError, OSError, ValueError, UnknownArchitectureError) as exc:
         fail(str(exc))
 
 
