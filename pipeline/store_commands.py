@@ -16,6 +16,11 @@ from pipeline.ledger_commands import STORE_HELP, open_store
 from store.checkpoints import DEFAULT_KEEP
 
 
+keep_checkpoints_option = click.option(
+    "--keep-checkpoints", "keep_checkpoints", type=click.IntRange(min=1), default=DEFAULT_KEEP, show_default=True,
+    help="checkpoints of the memory kept (the newest; the older ones are pruned after each new one)")
+
+
 @click.group("store")
 def store() -> None:
     """Maintain the store: prune old checkpoints."""
@@ -32,10 +37,9 @@ def _orphans(s, name: str) -> list:
 @store.command("compact")
 @click.option("--store", "store_path", default=None, help=STORE_HELP)
 @click.option("--name", default=None, help="memory name (default: every memory)")
-@click.option("--keep-checkpoints", "keep", type=click.IntRange(min=1), default=DEFAULT_KEEP, show_default=True,
-              help="checkpoints kept per memory (the newest)")
-@click.option("--json", "as_json", is_flag=True, help='{"<memory>": {"removed", "kept", "bytes_freed"}}')
-def compact(store_path: str | None, name: str | None, keep: int, as_json: bool) -> None:
+@keep_checkpoints_option
+@click.option("--json", "as_json", is_flag=True, help='{"<memory>": {"removed", "kept", "bytes_freed", "orphans"}}')
+def compact(store_path: str | None, name: str | None, keep_checkpoints: int, as_json: bool) -> None:
     """Remove all but the newest checkpoints of each memory (and orphan checkpoint files).
     Refuses a memory whose writer lock a worker holds."""
     from store import StoreError, WriterLockedError
@@ -47,7 +51,7 @@ def compact(store_path: str | None, name: str | None, keep: int, as_json: bool) 
             for memory in names:
                 s.get_memory(memory)
                 with s.writer_lock(memory):
-                    removed = s.prune_checkpoints(memory, keep)
+                    removed = s.prune_checkpoints(memory, keep_checkpoints)
                     orphans = _orphans(s, memory)
                     freed = sum(c.bytes for c in removed) + sum(p.stat().st_size for p in orphans)
                     for path in orphans:
@@ -72,4 +76,4 @@ def compact(store_path: str | None, name: str | None, keep: int, as_json: bool) 
         click.echo(f"memory {memory!r}: {removed}, kept {len(r['kept'])}, freed {r['bytes_freed']} bytes")
 
 
-__all__ = ["compact", "store"]
+__all__ = ["compact", "keep_checkpoints_option", "store"]

@@ -16,6 +16,7 @@ import sys
 import click
 
 from pipeline.cli import fail
+from pipeline.store_commands import keep_checkpoints_option
 from workers.model_options import model_option, module_path_option
 
 READY_PREFIX = "memoir worker ready:"
@@ -40,10 +41,11 @@ log = logging.getLogger(__name__)
 @module_path_option
 @click.option("--lock-wait", type=float, default=0.0, show_default=True,
               help="Seconds to wait for another worker's writer lock before giving up.")
+@keep_checkpoints_option
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str | None, layer: int | None,
            top_k: int | None, threshold: float | None, device: str, dtype: str | None, n_iter: int | None,
-           module_path: str | None, lock_wait: float, loglevel: str) -> None:
+           module_path: str | None, lock_wait: float, keep_checkpoints: int, loglevel: str) -> None:
     """Serve memory NAME: apply the edits of queue memoir.<NAME> serially into the store."""
     logging.basicConfig(level=loglevel.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -81,7 +83,7 @@ def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str |
         config = MemoirConfig(n_iter=n_iter) if n_iter is not None else None
         runtime = Runtime.open(model_name, store=store, name=name, layer=layer, top_k=top_k, device=device,
                                dtype=dtype, threshold=threshold, config=config, lock_wait=lock_wait,
-                               module_path=module_path)
+                               module_path=module_path, keep_checkpoints=keep_checkpoints)
         redis_client = settings.redis_client(url)
         board = StatusBoard(redis_client, name)
         store.board = board
