@@ -159,5 +159,5 @@ def test_cli_unknown_model_fails_cleanly(tmp_path, zsre):
     data = tmp_path / "zsre.jsonl"
     data.write_text(json.dumps(zsre[0]))
     result = CliRunner().invoke(eval_command, ["--model", str(tmp_path / "no-model"), "--data", str(data)])
-    assert result.exit_code != 0
-    assert "cannot load model" in result.output
+    assert result.exit_code == 2
+    assert f"model {str(tmp_path / 'no-model')!r}: no such file or directory" in result.output
