@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from memoir import sources
-from memoir.sources import ModelSourceError, gguf_model_path, resolve_model, smollm2_path
+from memoir.sources import ModelSourceError, resolve_model, smollm2_path
 from memoir.tinymodel import load_pretrained_pair
 from store import Store
 
@@ -43,6 +43,18 @@ def offline_env(**extra: str) -> dict[str, str]:
 def memoir(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env=env or {**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def run_cli(*args: str, cache: Path) -> tuple[int, list[str]]:
+    """The `memoir` command in this process (the same code as the `memoir` script): exit code, stderr lines."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, list(args), env={"MEMOIR_CACHE": str(cache)})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stderr.strip().splitlines()
 
 
 def tree(path: Path) -> dict[str, str]:
@@ -219,24 +231,14 @@ def test_apply_and_generate_on_a_gguf_file(tiny_gguf, zsre, tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1])["applied"] == 2
     with Store.open(tmp_path / "store") as store:
         assert store.get_memory("default").model_id == str(file)
-    done = memoir("generate", "--model", str(file), "--store", str(tmp_path / "store"), "--max-new-tokens", "2",
-                  "--json", zsre[0]["src"], env=env)
-    assert done.returncode == 0, done.stderr
+    code, lines = run_cli("generate", "--model", str(file), "--store", str(tmp_path / "store"), "--max-new-tokens",
+                          "2", zsre[0]["src"], cache=tmp_path / "cache")  # from the cache: converted once
+    assert code == 0, lines
+    converted = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert converted == [Path(resolve_model(file, tmp_path / "cache")[0])]
 
 
 # ----------------------------------------------------------------------------------- bad input
-
-
-def run_cli(*args: str, cache: Path) -> tuple[int, list[str]]:
-    """The `memoir` command in this process (the same code as the `memoir` script): exit code, stderr lines."""
-    from click.testing import CliRunner
-
-    from pipeline.cli import main
-
-    result = CliRunner().invoke(main, list(args), env={"MEMOIR_CACHE": str(cache)})
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stderr.strip().splitlines()
 
 
 @pytest.fixture
