@@ -12,12 +12,16 @@ from pipeline.cli import emit_json, fail
 STORE_HELP = "store directory or database URL (default: $MEMOIR_STORE, else ./memoir-store)"
 
 def open_store(store_path: str | None):
+    """The store, or `error: cannot open the store: ...` (a database still down after the
+    store's bounded retries included) and exit 1."""
+    from peewee import DatabaseError
+
     from store import Store, StoreError
 
     try:
         return Store.open(store_path)
-    except (StoreError, OSError) as exc:
-        fail(f"cannot open the store: {exc}")
+    except (StoreError, OSError, DatabaseError) as exc:
+        fail(f"cannot open the store: {str(exc).strip()}")
 
 
 def store_options(f: Callable) -> Callable:

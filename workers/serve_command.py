@@ -60,6 +60,7 @@ def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | 
     logging.basicConfig(level=loglevel.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
+    from peewee import DatabaseError
 
     from memoir import ConfigError, MemoryMismatchError
     from store import StoreError
@@ -108,6 +109,6 @@ def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | 
             served.close()
         sock.close()
     if failed:
-        if isinstance(failed[0], (StoreError, ConfigError, MemoryMismatchError, OSError, ValueError)):
-            fail(str(failed[0]))
+        if isinstance(failed[0], (StoreError, ConfigError, MemoryMismatchError, OSError, ValueError, DatabaseError)):
+            fail(str(failed[0]).strip())
         raise failed[0]

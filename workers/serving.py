@@ -251,7 +251,7 @@ class Follower:
                 log.warning("could not reload memory %r: %s", self.served.name, exc)
                 self.error = f"{type(exc).__name__}: {exc}".strip()
                 continue
-            if self.error is not None:
+            if not self.health()["following"]:
                 log.warning("reading the ledger of %r again after %.1fs", self.served.name,
                             time.monotonic() - self.read_at)
             self.read_at, self.error = time.monotonic(), None

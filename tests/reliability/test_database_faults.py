@@ -18,12 +18,19 @@ import time
 
 import peewee as pw
 import pytest
-from test_store import apply_edit, make_state  # noqa: I001 - tests/ is on sys.path (rootdir conftest)
+from test_serving_http import Server, wait_until  # noqa: I001 - tests/ is on sys.path (rootdir conftest)
+from test_store import apply_edit, make_state
 
+from memoir import MemoirConfig
+from pipeline.local_redis import free_port
 from store import FencingError, Store
+from workers.runtime import Runtime
 
-from .harness import REPO
+from .harness import REPO, WorkerProcess, child_env, edit_requests, last_json, memoir_config, run_cli, submit
 from .postgres import Database, pg  # noqa: F401 - the fixture
+
+REDIS = "redis://127.0.0.1:6379/9"  # the worker test's queue (conftest's redis_url fixture)
+NAME = "pgmem"
 
 pytestmark = pytest.mark.postgres
 
@@ -162,3 +169,99 @@ def test_a_sqlite_ledger_briefly_locked_by_another_process_is_waited_for(tmp_pat
     assert holder.wait(timeout=30) == 0
     assert [e.status for e in store.edits("default")] == ["applied"]
     store.close()
+
+
+# ------------------------------------------------------------------ real processes: server, worker, CLI
+
+
+def test_the_server_waits_for_the_database_and_follows_it_again(pg: Database, tmp_path, zsre):
+    """Defect 4 in `memoir serve`: after pg_terminate_backend it logged failed reloads every 2 s
+    forever while /healthz said 200 and "following": true."""
+    tensors = str(tmp_path / "tensors")
+    writer = Runtime.open("builtin", pg.url, name=NAME, config=MemoirConfig(check_size=1, threshold=0.9, n_iter=4),
+                          tensor_dir=tensors)
+    served_edits = lambda: [e["target"] for e in server.get("/v1/memory")["edits"]]  # noqa: E731
+    pg.refuse()  # the database is down when the server starts
+    env = child_env({"MEMOIR_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "MEMOIR_DB_RETRY_SECONDS": "120"})
+    server = Server(["serve", "--model", "builtin", "--name", NAME, "--store", pg.url, "--tensors", tensors,
+                     "--port", "0", "--poll", "0.5"], env, tmp_path / "serve.log")
+    try:
+        server.url = server.ready("memoir serve listening:").split()[3]
+        assert server.request("/readyz") == (503, {"status": "loading"})
+        assert server.get("/healthz")["status"] == "loading"
+        status, answer = server.request("/v1/completions", {"prompt": "x"})
+        assert status == 503 and answer["error"]["code"] == "loading"
+        pg.allow()
+        server.ready("memoir serve ready:")
+        assert server.get("/readyz")["status"] == "ready" and server.get("/healthz")["following"]
+        # every session killed: the writer and the server reconnect; the new edit is served
+        writer.store.get_memory(NAME)  # the writer's session (it lost the last one to refuse())
+        wait_until(lambda: pg.sessions() >= 2, 10, "the server's follower reads the ledger")
+        assert pg.terminate() >= 2
+        assert writer.apply_request({"prompt": zsre[0]["src"], "target": zsre[0]["alt"]})["status"] == "applied"
+        seconds = wait_until(lambda: served_edits() == [zsre[0]["alt"]], 10, "the server follows after a terminate")
+        # the database gone for a while: /healthz says so (not following, the lag growing); serving goes on
+        pg.refuse()
+        wait_until(lambda: not server.get("/healthz")["following"], 20, "/healthz reports not following")
+        health = server.get("/healthz")
+        assert health["status"] == "ok" and health["lag_s"] > 1.0, health
+        assert server.get("/readyz")["status"] == "ready" and served_edits() == [zsre[0]["alt"]]
+        pg.allow()
+        wait_until(lambda: server.get("/healthz")["following"], 20, "following again once the database is back")
+        assert writer.apply_request({"prompt": zsre[1]["src"], "target": zsre[1]["alt"]})["status"] == "applied"
+        wait_until(lambda: served_edits() == [zsre[0]["alt"], zsre[1]["alt"]], 10, "the next edit is served")
+        log = (tmp_path / "serve.log").read_text()
+        assert "reconnected to the ledger database" in log and "reading the ledger of" in log
+        print(f"served the edit {seconds:.1f} s after the terminate; lag reported {health['lag_s']} s")
+    finally:
+        pg.allow()
+        server.stop()
+        writer.close()
+
+
+def test_the_worker_goes_on_after_its_sessions_are_terminated(pg: Database, tmp_path, redis_url, client):
+    """Defect 4 in `memoir worker`: the next edit failed on the closed connection and the worker stopped."""
+    tensors = str(tmp_path / "tensors")
+    Runtime.open("builtin", pg.url, name=NAME, config=memoir_config(), tensor_dir=tensors).close()
+    worker = WorkerProcess(pg.url, {"MEMOIR_REDIS_URL": redis_url}, tmp_path / "worker.log", name=NAME,
+                           args=("--tensors", tensors)).ready()
+    requests = edit_requests(3, "pg")
+    try:
+        assert submit(client, requests[0], NAME).wait(timeout=300)["status"] == "applied"
+        assert pg.terminate() >= 1  # between edits: the worker's session and its advisory lock go
+        assert submit(client, requests[1], NAME).wait(timeout=300)["status"] == "applied"
+        handle = submit(client, requests[2], NAME)
+        with Store.open(pg.url, tensors) as store:  # during an edit (training: no transaction open)
+            wait_until(lambda: (e := store.edit_by_request(requests[2]["request_id"])) is not None
+                       and e.status == "applying", 120, "the third edit is applying")
+            pg.terminate()
+            assert handle.wait(timeout=300)["status"] == "applied"
+            assert [e.status for e in store.edits(NAME)] == ["applied"] * 3
+        assert worker.alive()
+        log = worker.log_text()
+        assert "reconnected to the ledger database" in log and "taken again on a new database session" in log
+        verify = run_cli("ledger", "verify", "--store", pg.url, "--json", env={"MEMOIR_TENSORS": tensors})
+        assert verify.returncode == 0 and last_json(verify.stdout)["ok"], verify.stdout + verify.stderr
+    finally:
+        worker.stop()
+
+
+def test_the_cli_waits_for_a_restarting_database_within_bounds(pg: Database, tmp_path):
+    with Store.open(pg.url, tmp_path / "tensors") as store:
+        store.create_memory("default", make_state(), "synthetic")
+    env = {"MEMOIR_TENSORS": str(tmp_path / "tensors"), "MEMOIR_DB_RETRY_SECONDS": "60"}
+    pg.refuse()
+    back = threading.Timer(2.0, pg.allow)
+    back.start()
+    started = time.monotonic()
+    done = run_cli("ledger", "list", "--store", pg.url, "--json", env=env)
+    back.join()
+    assert done.returncode == 0 and last_json(done.stdout) == [], done.stderr
+    assert time.monotonic() - started > 2.0 and "unavailable" in done.stderr
+    # down for longer than the retries: a clear error within the bound, no traceback
+    pg.refuse()
+    started = time.monotonic()
+    done = run_cli("ledger", "list", "--store", pg.url, env={**env, "MEMOIR_DB_RETRY_SECONDS": "2"})
+    assert done.returncode == 1 and "error: cannot open the store" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and time.monotonic() - started < 60
+    pg.allow()

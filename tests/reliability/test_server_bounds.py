@@ -121,22 +121,23 @@ def test_a_huge_prompt_is_refused_without_stalling_the_server(store, tmp_path):
         watch.check()
         assert status == 400 and answer["error"]["param"] == "max_tokens", answer
         assert server.get("/healthz")["status"] == "ok"
+        print(f"1 MB prompt refused for the context; /healthz max {max(watch.latencies):.3f} s meanwhile")
     finally:
         server.stop()
 
 
 def test_a_flood_gets_503_with_retry_after_while_healthz_stays_fast(store, tmp_path):
     server = serve(store, tmp_path / "serve.log", "--max-queue", "4", "--max-batch", "4")
-    body = json.dumps({"prompt": "What university did Watts Humphrey attend?", "max_tokens": 24,
+    body = json.dumps({"prompt": "What university did Watts Humphrey attend?", "max_tokens": 16,
                        "ignore_eos": True}).encode()
     results: list[tuple[int, Any, Any]] = []
     try:
         with HealthWatch(server) as watch:
             def client() -> None:
-                for _ in range(4):
+                for _ in range(3):
                     results.append(post(server.url + "/v1/completions", body))
 
-            clients = [threading.Thread(target=client) for _ in range(12)]
+            clients = [threading.Thread(target=client) for _ in range(8)]
             for c in clients:
                 c.start()
             for c in clients:
@@ -148,7 +149,7 @@ def test_a_flood_gets_503_with_retry_after_while_healthz_stays_fast(store, tmp_p
             if status == 503:
                 assert int(headers["Retry-After"]) >= 1 and answer["error"]["code"] == "overloaded", answer
             else:
-                assert answer["usage"]["completion_tokens"] == 24
+                assert answer["usage"]["completion_tokens"] == 16
         assert server.complete("What university did Watts Humphrey attend?")["choices"][0]["finish_reason"]
         print(f"flood: {dict(counts)}; /healthz {len(watch.latencies)} probes, max {max(watch.latencies):.3f} s")
     finally:
