@@ -110,6 +110,7 @@ def test_a_huge_prompt_is_refused_without_stalling_the_server(store, tmp_path):
                 sender.join()
             time.sleep(0.3)
         watch.check()
+        print(f"4 MB prompts: {[a[0] for a in answers]}; /healthz max {max(watch.latencies):.3f} s meanwhile")
         for status, _, answer in answers:
             assert status == 413, answer
             assert answer["error"]["type"] == "invalid_request_error" and "1048576" in answer["error"]["message"]
