@@ -26,12 +26,33 @@ EXPECTED_SITES = {
 
 def test_defaults_follow_the_paper_scaled_to_the_model():
     config = MemoirConfig()
-    assert (config.threshold, config.n_iter, config.lr) == (0.4, 30, 1.0)
+    assert (config.threshold, config.n_iter, config.lr) == (None, 30, 1.0)  # None: fitted to the model
     llama3 = config.resolve(num_layers=32, intermediate_size=14336)
     assert (llama3.layer, llama3.top_k) == (27, 4096)
     small = config.resolve(num_layers=4, intermediate_size=512)
     assert small.layer == 3  # int(0.84 * 4)
     assert small.top_k == round(512 * 4096 / 14336) == 146
+
+
+def test_the_threshold_is_fitted_to_the_model_unless_given(trained_llama, trained_llama_path, zsre):
+    """Unrelated prompts' masks overlap by chance around k/D; the fitted threshold clears the best of
+    `threshold_capacity` such overlaps, is stored in the config, and an explicit one wins."""
+    from memoir import Editor
+    from memoir.tinymodel import load_pretrained_pair
+
+    model, tokenizer = trained_llama
+    background = [r["loc"] for r in zsre[400:450]]
+    editor = Editor.create(model, tokenizer, background, MemoirConfig())
+    fit = editor.config.threshold_fit
+    assert editor.config.threshold == fit["threshold"] == editor.memory.threshold == editor.state().config.threshold
+    assert fit["pairs"] == 50 * 49 // 2 and 0.2 < fit["chance_mean"] < 0.5 and fit["chance_sd"] > 0
+    assert fit["chance_max"] < fit["threshold"] < 1.0
+    masks = editor.masks_of([r["src"] for r in zsre[300:340]])  # prompts the fit never saw
+    ratios, _ = (masks @ editor.masks_of([r["loc"] for r in zsre[200:240]]).T / editor.config.top_k).max(dim=1)
+    assert (ratios < editor.config.threshold).all()
+    model, tokenizer = load_pretrained_pair(trained_llama_path)
+    explicit = Editor.create(model, tokenizer, background, MemoirConfig(threshold=0.45))
+    assert explicit.config.threshold == explicit.memory.threshold == 0.45 and explicit.config.threshold_fit is None
 
 
 def test_explicit_layer_and_top_k_are_kept_and_checked():
@@ -45,7 +66,8 @@ def test_explicit_layer_and_top_k_are_kept_and_checked():
 
 @pytest.mark.parametrize("bad", [dict(threshold=0.0), dict(threshold=1.5), dict(n_iter=0), dict(lr=0.0), dict(lr=float("inf")), dict(lr=float("nan")),
                                  dict(top_k=0), dict(layer=-1), dict(dtype="int8"), dict(prompt_format="xml"),
-                                 dict(weight_decay=-1.0), dict(background_size=0)])
+                                 dict(weight_decay=-1.0), dict(background_size=0), dict(threshold_capacity=0),
+                                 dict(threshold_false_retrievals=0.0)])
 def test_out_of_range_settings_are_refused(bad):
     with pytest.raises(ConfigError):
         MemoirConfig(**bad)
