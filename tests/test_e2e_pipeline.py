@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import settings
+from pipeline import deadletter, settings
 from pipeline.client import Client
 from workers.demo import WorkerProcess
 
@@ -195,7 +195,9 @@ def test_a_pickled_message_is_rejected_not_loaded(served, tmp_path):
     drain(served)
     assert not proof.exists()
     assert served.worker.alive()
-    assert "Refusing to deserialize untrusted content of type pickle" in served.log.read_text()
+    parked = [e for e in deadletter.entries(served.client.redis, NAME)  # checked before Celery saw it, and parked
+              if json.loads(e["item"])["headers"]["id"] == "pickled-1"]
+    assert len(parked) == 1 and "the content is 'application/x-python-serialize'" in parked[0]["reason"], parked
     assert served.client.queue_length(NAME) == 0
     edits, _ = ledger(served)
     assert "pickled-1" not in edits
