@@ -17,6 +17,7 @@ reaches a file path.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ from pipeline.client import RequestError
 from store import Store
 
 from .harness import NAME, last_json, run_cli
-from .poison import Stack, envelope, items, json_body, message, nested, run_batch
+from .poison import Stack, envelope, items, json_body, message, nested, nested_text, run_batch
 
 pytestmark = pytest.mark.slow
 
@@ -64,11 +65,12 @@ def assert_healthy(stack) -> None:
 
 
 def test_deeply_nested_metadata_never_stops_the_worker(stack):
-    deep = nested(950)
-    assert len(json.dumps(deep)) < 16_384
+    assert len(nested_text(950)) < 16_384
     with pytest.raises(RequestError, match="metadata: nests deeper than 32"):
-        stack.client.submit("Who wrote Emma?", "Jane Austen", metadata=deep, name=NAME)  # refused before sending
-    too_deep = message(settings.APPLY_TASK, {"prompt": "Who wrote Emma?", "target": "Jane Austen", "metadata": deep})
+        stack.client.submit("Who wrote Emma?", "Jane Austen", metadata=nested(950), name=NAME)  # refused before sending
+    too_deep = message(settings.APPLY_TASK, {"prompt": "Who wrote Emma?", "target": "Jane Austen", "metadata": "DEEP"})
+    too_deep = json.dumps(json.loads(too_deep) | {"body": base64.b64encode(base64.b64decode(json.loads(too_deep)["body"])
+                                                  .replace(b'"DEEP"', nested_text(950).encode())).decode()})
     task_id = "nested-40"  # within the envelope's bound (64 levels), beyond the metadata's (32)
     deeper_than_allowed = message(settings.APPLY_TASK, {"request_id": task_id, "prompt": "Who wrote Emma?",
                                                         "target": "Jane Austen", "metadata": nested(40)}, task_id)
