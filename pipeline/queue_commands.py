@@ -57,19 +57,16 @@ def _act(verb: str, entry_id: str, name: str, as_json: bool) -> None:
         click.echo(f"dead letter {entry_id} {done} (it had been parked: {entry.get('reason')})")
 
 
-@queue.command("retry")
-@click.argument("entry_id")
-@NAME_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
-def retry(entry_id: str, name: str, as_json: bool) -> None:
-    """Put dead letter ENTRY_ID back at the end of its queue (it runs, or is parked again)."""
-    _act("retry", entry_id, name, as_json)
+def _entry_command(verb: str, doc: str) -> click.Command:
+    @queue.command(verb, help=doc)
+    @click.argument("entry_id")
+    @NAME_OPTION
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+    def command(entry_id: str, name: str, as_json: bool) -> None:
+        _act(verb, entry_id, name, as_json)
+
+    return command
 
 
-@queue.command("drop")
-@click.argument("entry_id")
-@NAME_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
-def drop(entry_id: str, name: str, as_json: bool) -> None:
-    """Delete dead letter ENTRY_ID for good."""
-    _act("drop", entry_id, name, as_json)
+retry = _entry_command("retry", "Put dead letter ENTRY_ID back at the end of its queue (it runs, or is parked again).")
+drop = _entry_command("drop", "Delete dead letter ENTRY_ID for good.")
