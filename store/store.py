@@ -6,7 +6,8 @@ Layout of a local store (`MEMOIR_STORE`, default `./memoir-store`, owner-only):
     locks/<memory>.lock                        writer locks (fcntl.flock)
     tensors/<memory>/memory/<sha>.safetensors  π and μ of the memory
     tensors/<memory>/deltas/<sha>.safetensors  each applied edit's change to W_m (its own columns)
-    tensors/<memory>/checkpoints/v<version>-<sha>.safetensors   W_m + index every N changes
+    tensors/<memory>/checkpoints/v<version>-<sha>.safetensors   W_m + index + the delta each edit held,
+                                               every N changes; the newest few kept (store/checkpoints.py)
 
 The tensor directory can live apart from the ledger (`tensor_dir`, `MEMOIR_TENSORS`): a team
 running the ledger on PostgreSQL points every host at one shared volume.
@@ -14,7 +15,8 @@ running the ledger on PostgreSQL points every host at one shared volume.
 Invariant kept here: W_m = Σ deltas of the `applied` edits (a delta file is written and
 fsynced before the ledger row that makes it applied is committed: a crash in between leaves
 an orphan file and an edit that is still `applying`, to be redone), and the index holds
-exactly their masks. `verify` checks it.
+exactly their masks. `verify` checks it. Rollback jobs are ledger rows too (store/jobs.py), so
+that the next writer finishes one a crash left undone. Every ledger write of a writer is fenced.
 
 Methods taking or returning tensors import torch on first use; the rest does not.
 """
@@ -481,7 +483,8 @@ class Store:
             Job.create(memory=memory.id, job=job, kind=job_kinds.ROLLBACK, edit=edit.id, reason=str(reason),
                        exact=exact, status=job_kinds.RUNNING, created_at=now, updated_at=now)
         elif found.edit_id != edit.id or found.status != job_kinds.PENDING:
-            raise StoreError(f"job {job!r} is {found.status} on edit {found.edit_id}: it cannot roll back edit {edit.id}")
+            raise StoreError(f"job {job!r} is {found.status} on edit {found.edit_id}: "
+                             f"it cannot roll back edit {edit.id}")
         else:
             Job.update(status=job_kinds.RUNNING, updated_at=now).where(Job.id == found.id).execute()
 
@@ -631,7 +634,8 @@ class Store:
             except tensors.CorruptFileError as exc:
                 if not isinstance(exc.__cause__, FileNotFoundError):
                     raise
-                log.warning("checkpoint v%d of %r is gone (pruned?): loading from an older one", checkpoint.version, name)
+                log.warning("checkpoint v%d of %r is gone (pruned?): loading from an older one",
+                            checkpoint.version, name)
                 continue
             return checkpoint, tensors.load_checkpoint(data)
         return None, None

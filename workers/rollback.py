@@ -270,8 +270,8 @@ def start_rollback(runtime: "Runtime", ref: int | str, reason: str | None = None
         report = begin_rollback(runtime, ref if recorded is None else recorded.edit_id, reason, exact, job, actor)
     except RollbackError as exc:
         if recorded is not None:
-            store.end_job(runtime.name, job, JOB_FAILED, JOB_FAILED_EVENT, recorded.edit_id, {"job": job, "error": str(exc)},
-                          error=str(exc), actor=actor)
+            store.end_job(runtime.name, job, JOB_FAILED, JOB_FAILED_EVENT, recorded.edit_id,
+                          {"job": job, "error": str(exc)}, error=str(exc), actor=actor)
         raise
     return continue_rollback(runtime, report.job, report.rolled_back, budget, actor)
 
