@@ -29,7 +29,7 @@ from workers.runtime import Runtime
 from .harness import REPO, WorkerProcess, child_env, edit_requests, last_json, memoir_config, run_cli, submit
 from .postgres import Database, pg  # noqa: F401 - the fixture
 
-REDIS = "redis://127.0.0.1:6379/9"  # the worker test's queue (conftest's redis_url fixture)
+REDIS = "redis://127.0.0.1:6379/5"  # the worker test's queue (conftest's redis_url fixture)
 NAME = "pgmem"
 
 pytestmark = pytest.mark.postgres
