@@ -67,6 +67,33 @@ def list_edits(store_path: str | None, name: str | None, status: str | None, lim
                    f"{_short(e.prompt, 60)} → {_short(e.target, 30)}")
 
 
+@ledger.command("memories")
+@store_options
+@click.option("--json", "as_json", is_flag=True, help="a JSON array of memories")
+def memories(store_path: str | None, name: str | None, as_json: bool) -> None:
+    """Each memory: its model, layer, mask size, retrieval threshold (and how it was fitted), live edits."""
+    with open_store(store_path) as store:
+        found = [m for m in store.memories() if name is None or m.name == name]
+        live = {m.name: len(store.applied(m.name)) for m in found}
+    if name is not None and not found:
+        fail(f"no memory named {name!r} in this store")
+    rows = [{"name": m.name, "model": m.model_id, "revision": m.revision, "layer": m.layer, "top_k": m.top_k,
+             "intermediate_size": m.intermediate_size, "threshold": m.config.get("threshold"),
+             "threshold_fit": m.config.get("threshold_fit"), "live_edits": live[m.name], "version": m.version,
+             "created_at": m.to_dict()["created_at"]} for m in found]
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no memories")
+    for row in rows:
+        fit = row["threshold_fit"]
+        how = (f"fitted: chance overlap {fit['chance_mean']:.3f} ± {fit['chance_sd']:.3f} over {fit['pairs']} pairs, "
+               f"for {fit['capacity']} stored masks" if fit else "given")
+        click.echo(f"{row['name']}: {row['model']}, layer {row['layer']}, k {row['top_k']} of "
+                   f"{row['intermediate_size']}, threshold {row['threshold']} ({how}), {row['live_edits']} live edits")
+
+
 @ledger.command("show")
 @click.option("--store", "store_path", default=None, help=STORE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="the edit as one JSON object")

@@ -160,6 +160,13 @@ def test_apply_then_generate_in_a_new_process(tiny_model_factory, zsre, tmp_path
         assert edits_[0].rephrases == [zsre[0]["rephrase"]] and edits_[0].metadata["subject"] == zsre[0]["subject"]
         assert store.edit_by_request("custom-1") is not None
         assert store.verify().ok
+        # each edit's scores: teacher-forced and from generated answers
+        assert set(edits_[0].scores) >= {"rel", "gen", "loc", "rel_gen", "gen_gen", "loc_gen"}
+    # the threshold was fitted to the model (no --threshold) and the ledger shows it
+    [memory] = last_json(memoir("ledger", "memories", "--store", str(store_path), "--json").stdout)
+    assert memory["name"] == "default" and memory["live_edits"] == 5
+    assert memory["threshold"] == memory["threshold_fit"]["threshold"] > memory["threshold_fit"]["chance_mean"]
+    assert f"threshold {memory['threshold']} (fitted" in memoir("ledger", "memories", "--store", str(store_path)).stdout
 
     prompts = [r["src"] for r in zsre[:4]] + ["Who wrote Dune?", zsre[0]["loc"]]
     with Runtime.open(model, str(store_path), tokenizer=tokenizer, readonly=True) as runtime:
