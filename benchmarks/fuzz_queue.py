@@ -8,7 +8,7 @@ memory's queue of one `memoir worker` (private redis-server, temporary store). A
 every item ran or was parked in `memoir.<name>.dead`, the worker is alive and never logged an
 unrecoverable error or a stop, and `memoir ledger verify` passes.
 
-    python -m benchmarks.fuzz_queue                          # full size: 40 batches of 50 items
+    python -m benchmarks.fuzz_queue                          # full size: 25 batches of 40 items
     python -m benchmarks.fuzz_queue --batches 3 --items 10   # a quick look
 """
 
@@ -34,8 +34,8 @@ from benchmarks.common import write_result  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=int, default=40)
-    parser.add_argument("--items", type=int, default=50)
+    parser.add_argument("--batches", type=int, default=25)
+    parser.add_argument("--items", type=int, default=40)
     parser.add_argument("--seed", type=int, default=12)
     args = parser.parse_args()
     results: list[dict] = []

@@ -201,6 +201,8 @@ def items(draw: st.DrawFn) -> bytes:
     if kind == "big":
         return message(settings.APPLY_TASK, {"prompt": "q" * draw(st.integers(2_000, 1_500_000)), "target": "a"}).encode()
     task_id = draw(ids)
+    if draw(st.booleans()):  # well formed around a random request: it reaches the task
+        return json.dumps(envelope(draw(st.sampled_from(TASKS)), task_id, json_body(draw(requests)))).encode()
     item: dict[str, Any] = envelope(draw(st.sampled_from(TASKS) | json_values), task_id, draw(bodies()),
                                     draw(st.sampled_from(["application/json"] * 4 + ["application/x-python-serialize",
                                                                                      "application/x-yaml", ""])),
