@@ -17,6 +17,7 @@ import sys
 import click
 
 from pipeline.cli import fail
+from workers.logs import log_format_option
 from workers.model_options import model_option
 
 READY_PREFIX = "memoir serve ready:"
@@ -51,14 +52,17 @@ log = logging.getLogger(__name__)
 @click.option("--request-timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
               help="Seconds a request may take, body to last token (408 for a slow body, 504 for the answer).")
 @click.option("--loglevel", default="INFO", show_default=True)
+@log_format_option
 def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | None, host: str, port: int,
           at_seq: int | None, device: str, dtype: str | None, max_batch: int, batch_wait: float,
-          poll_seconds: float, max_body_bytes: int, max_queue: int, request_timeout: float, loglevel: str) -> None:
+          poll_seconds: float, max_body_bytes: int, max_queue: int, request_timeout: float, loglevel: str,
+          log_format: str) -> None:
     """Serve memory NAME over HTTP: /v1/completions, /v1/chat/completions, /v1/memory, /healthz, /readyz.
 
     It listens at once (`/readyz` answers 503 until the model and memory are loaded)."""
-    logging.basicConfig(level=loglevel.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from workers import logs
+
+    as_json = logs.setup(loglevel, log_format)
     import uvicorn
     from peewee import DatabaseError
 
@@ -101,7 +105,8 @@ def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | 
         sys.stdout.flush()
         app = create_app(start, Limits(max_body_bytes, max_queue, request_timeout), on_ready=ready,
                          on_failure=failure)
-        config = uvicorn.Config(app, log_level=loglevel.lower(), access_log=False, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, log_level=loglevel.lower(), access_log=False, timeout_graceful_shutdown=5,
+                                **({"log_config": None} if as_json else {}))  # uvicorn's lines: JSON too
         server = uvicorn.Server(config)
         server.run(sockets=[sock])
     finally:

@@ -2,7 +2,8 @@
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `"stream": true` as
 server-sent events in OpenAI's chunk format, ending with `data: [DONE]`), `GET /v1/models`,
-`GET /v1/memory` (the snapshot served: seq, version, live edits, config), `GET /healthz`
+`GET /v1/memory` (the snapshot served: seq, version, live edits, config), `GET /metrics`
+(Prometheus, workers/metrics.py), `GET /healthz`
 (liveness; `following` and `lag_s` say whether the ledger is being read) and `GET /readyz`
 (503 until the model and memory are loaded).
 
@@ -41,13 +42,14 @@ from typing import Any, AsyncIterator, Callable, Literal, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from memoir import MemoryState
 from store.snapshots import Snapshot
+from workers.metrics import RequestMetrics, ServerMetrics
 from workers.serving import ServedModel
 
 log = logging.getLogger(__name__)
@@ -191,7 +193,9 @@ class Work:
     """One HTTP request in the engine: its rows, sampling settings and a channel back to the
     event loop. Events: ("text", index, str), ("done", index, Row), ("error", None, message)."""
 
-    def __init__(self, rows: list[Row], sampling: Sampling, stream: bool, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, rows: list[Row], sampling: Sampling, stream: bool, loop: asyncio.AbstractEventLoop,
+                 request_id: str = "") -> None:
+        self.request_id = request_id
         self.rows = rows
         self.sampling = sampling
         self.stream = stream
@@ -254,6 +258,7 @@ class Engine:
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.batches = 0
         self.reloads = 0
+        self.metrics = ServerMetrics()  # create_app puts the app's here
         self._inbox: queue.Queue[Work | None] = queue.Queue()
         self._waiting: deque[Work] = deque()
         self._next: tuple[Snapshot, MemoryState] | None = None
@@ -384,6 +389,11 @@ class Engine:
                 if work.stream and (text := row.fresh_text()):
                     work.send("text", row.index, text)
                 work.send("done", row.index, row)
+        self.metrics.batch([row for _, row in rows], sampling.use_memory)
+        for work in batch:
+            log.info("request %s: %d prompts, %d tokens, memory seq %d, retrieved %s", work.request_id,
+                     len(work.rows), sum(len(r.tokens) for r in work.rows), served.seq,
+                     [r.retrieved for r in work.rows], extra={"request_id": work.request_id})
 
 
 # -- the HTTP app -------------------------------------------------------------------------------
@@ -520,10 +530,13 @@ def create_app(start: Callable[[], tuple[Engine, Any]], limits: Limits = Limits(
     Until then `/healthz` says "loading" and `/readyz` and the API answer 503. `on_ready()` is
     called once serving, `on_failure(exc)` if `start()` fails. Both are stopped with the app."""
     live = SimpleNamespace(engine=None, follower=None)
+    metrics = ServerMetrics()
+    metrics.bind(live)
 
     def boot() -> None:
         try:
             engine, follower = start()
+            engine.metrics = metrics
             engine.start()
             if follower is not None:
                 follower.start()
@@ -549,6 +562,8 @@ def create_app(start: Callable[[], tuple[Engine, Any]], limits: Limits = Limits(
 
     app = FastAPI(title="memoir", lifespan=lifespan)
     app.add_middleware(Bounds, limits=limits)
+    app.add_middleware(RequestMetrics, metrics=metrics,  # outermost: counts Bounds' answers too
+                       routes=lambda: {getattr(r, "path", None) for r in app.routes})
 
     def engine_() -> Engine:
         if live.engine is None:
@@ -596,6 +611,12 @@ def create_app(start: Callable[[], tuple[Engine, Any]], limits: Limits = Limits(
             return JSONResponse({"status": "loading" if engine is None else "down"}, status_code=503)
         return JSONResponse({"status": "ready", "seq": engine.served.seq, "version": engine.served.version})
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        """Prometheus metrics (workers/metrics.py)."""
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/memory")
     async def memory() -> dict[str, Any]:
         engine = engine_()
@@ -610,14 +631,15 @@ def create_app(start: Callable[[], tuple[Engine, Any]], limits: Limits = Limits(
     def remaining(request: Request) -> float:
         return max(0.0, request.state.deadline - time.monotonic())
 
-    async def prepare(request: Request, build: Callable[[Engine, bytes], tuple[_Body, list[Row]]]) -> tuple[
-            Engine, _Body, Work]:
-        """Parse, tokenise and check the request on a worker thread (never on the event loop), then queue it."""
+    async def prepare(request: Request, build: Callable[[Engine, bytes], tuple[_Body, list[Row]]],
+                      kind: str) -> tuple[Engine, _Body, Work]:
+        """Parse, tokenise and check the request on a worker thread (never on the event loop), then
+        queue it with a new request id `<kind>-<hex>`."""
         engine = engine_()
         raw = await request.body()
         body, rows = await asyncio.wait_for(run_in_threadpool(build, engine, raw), remaining(request))
         sampling = Sampling(body.temperature, body.top_p, body.seed, body.use_memory, body.ignore_eos)
-        work = Work(rows, sampling, body.stream, asyncio.get_running_loop())
+        work = Work(rows, sampling, body.stream, asyncio.get_running_loop(), f"{kind}-{uuid.uuid4().hex}")
         engine.submit(work)
         return engine, body, work
 
@@ -696,8 +718,8 @@ def create_app(start: Callable[[], tuple[Engine, Any]], limits: Limits = Limits(
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        engine, body, work = await prepare(request, completion_rows)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        engine, body, work = await prepare(request, completion_rows, "cmpl")
+        request_id = work.request_id
         if body.stream:
             def chunk(index: int, text: str | None, finish: str | None) -> dict[str, Any] | None:
                 if text is None:
@@ -717,8 +739,8 @@ def create_app(start: Callable[[], tuple[Engine, Any]], limits: Limits = Limits(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        engine, body, work = await prepare(request, chat_rows)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        engine, body, work = await prepare(request, chat_rows, "chatcmpl")
+        request_id = work.request_id
         if body.stream:
             def chunk(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
                 delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})

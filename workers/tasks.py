@@ -248,7 +248,8 @@ def apply_edit(self: Any, request: Any) -> dict[str, Any]:
         superseded = [s["rolled_back"] for s in outcome.get("superseded") or []]
         log.info("request %s: %s (edit %s, seq %s)%s%s", task_id, outcome["status"], outcome.get("edit_id"),
                  outcome.get("seq"), f", superseded edits {superseded}" if superseded else "",
-                 f": {outcome['reason']}" if outcome.get("reason") else "")
+                 f": {outcome['reason']}" if outcome.get("reason") else "",
+                 extra={"request_id": task_id, "edit_id": outcome.get("edit_id")})
         return outcome
 
     return _run(self, "edit", request, handle)

@@ -17,6 +17,7 @@ import click
 
 from pipeline.cli import fail
 from pipeline.store_commands import keep_checkpoints_option
+from workers.logs import log_format_option
 from workers.model_options import model_option, module_path_option
 
 READY_PREFIX = "memoir worker ready:"
@@ -43,12 +44,20 @@ log = logging.getLogger(__name__)
               help="Seconds to wait for another worker's writer lock before giving up.")
 @keep_checkpoints_option
 @click.option("--loglevel", default="INFO", show_default=True)
+@log_format_option
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Serve Prometheus metrics on this port (0: off).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics port binds.")
+@click.option("--events", is_flag=True,
+              help="Send Celery task events and answer remote control, for Flower and `celery inspect`.")
 def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str | None, layer: int | None,
            top_k: int | None, threshold: float | None, device: str, dtype: str | None, n_iter: int | None,
-           module_path: str | None, lock_wait: float, keep_checkpoints: int, loglevel: str) -> None:
+           module_path: str | None, lock_wait: float, keep_checkpoints: int, loglevel: str, log_format: str,
+           metrics_port: int, metrics_host: str, events: bool) -> None:
     """Serve memory NAME: apply the edits of queue memoir.<NAME> serially into the store."""
-    logging.basicConfig(level=loglevel.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from workers import logs
+
+    logs.setup(loglevel, log_format, celery_tasks=True)
     from celery import signals
 
     from pipeline import settings
@@ -96,6 +105,17 @@ def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str |
         presence = Presence(redis_client, name, {"model": model_name, "store": store.location,
                                                  "device": device}).start()
         queue = settings.queue_name(name)
+        if metrics_port:
+            from workers.metrics import WorkerMetrics
+
+            try:
+                port = WorkerMetrics(runtime, redis_client, queue).connect().serve(metrics_host, metrics_port)
+            except OSError as exc:
+                fail(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror or exc}")
+            log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, port)
+        if events:  # Flower and `celery inspect` see the worker (any Redis client may then control it)
+            tasks.app.conf.update(worker_send_task_events=True, task_send_sent_event=True,
+                                  worker_enable_remote_control=True)
 
         def ready(**_: object) -> None:
             click.echo(f"{READY_PREFIX} memory {name!r} on queue {queue}, model {model_name}, "
@@ -106,7 +126,7 @@ def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str |
         celery_worker = tasks.app.Worker(
             hostname=f"memoir-{name}@{socket.gethostname()}", pool_cls="solo", concurrency=1, queues=[queue],
             loglevel=loglevel.upper(), quiet=True, redirect_stdouts=False,
-            without_mingle=True, without_gossip=True, without_heartbeat=True,
+            without_mingle=True, without_gossip=True, without_heartbeat=not events,
         )
         celery_worker.start()
         code = celery_worker.exitcode or 0
