@@ -60,7 +60,9 @@ def test_fifty_edits_keep_the_invariants(tiny_llama, tiny_model_factory, zsre, t
     assert torch.equal(loaded.weight, live.weight) and loaded.masks.keys() == live.masks.keys()
     report = runtime.verify()
     assert report.ok and report.warnings == [], report
-    assert report.checked["applied"] == 50 and report.checked["live_max_abs_diff"] == 0.0
+    # verify rebuilds W_m with numpy (the ledger commands never import torch): its G·Aᵀ products come
+    # from another BLAS kernel than torch's, equal up to float rounding (the torch sum above is bitwise)
+    assert report.checked["applied"] == 50 and report.checked["live_max_abs_diff"] < 1e-6
 
     # reopened on a fresh load of the model: the same memory and the same answers
     prompts = [r["src"] for r in zsre[:6]] + [r["loc"] for r in zsre[:2]]
