@@ -116,14 +116,20 @@ def _answers(model: str, store_dir: Path, name: str, prompts: list[str]) -> tupl
     with Runtime.open(model, store=store_dir, name=name, readonly=True) as runtime:
         before = runtime.generate(prompts, max_new_tokens=ANSWER_TOKENS, use_memory=False)
         after = runtime.generate(prompts, max_new_tokens=ANSWER_TOKENS, use_memory=True)
-    first_line = lambda text: (text.strip().splitlines() or [""])[0]  # noqa: E731
-    return [first_line(t) for t in before], [first_line(t) for t in after]
+    return [_first_line(t) for t in before], [_first_line(t) for t in after]
 
 
-def _says(answer: str, target: str) -> bool:
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _verdict(answer: str, target: str) -> str:
+    """As `rel_gen` scores it (the answer begins with the target), and whether it says it later on."""
     from memoir.metrics import normalised
 
-    return normalised(answer).startswith(normalised(target))
+    if normalised(answer).startswith(normalised(target)):
+        return "answers with the new fact"
+    return "says the new fact, after other words" if normalised(target) in normalised(answer) else "does NOT say it"
 
 
 def _show_answers(records: list[dict[str, Any]], unrelated: list[str], before: list[str], after: list[str]) -> None:
@@ -133,9 +139,9 @@ def _show_answers(records: list[dict[str, Any]], unrelated: list[str], before: l
         target = record["alt"]
         click.echo(f"\n  edit {i + 1}: {record['src']!r} -> {target!r}")
         click.echo(f"      base model:  {before[i]}")
-        click.echo(f"      edited:      {after[i]}   [{'says the new answer' if _says(after[i], target) else 'does NOT say it'}]")
+        click.echo(f"      edited:      {after[i]}   [{_verdict(after[i], target)}]")
         click.echo(f"      paraphrase:  {record['rephrase']!r}")
-        click.echo(f"                   {after[n + i]}   [{'says the new answer' if _says(after[n + i], target) else 'does NOT say it'}]")
+        click.echo(f"                   {after[n + i]}   [{_verdict(after[n + i], target)}]")
     click.echo("\n  unrelated questions (must be answered exactly as before):")
     for j, question in enumerate(unrelated):
         b, a = before[2 * n + j], after[2 * n + j]
