@@ -4,7 +4,7 @@ generated answers (rel_gen/gen_gen/loc_gen), at the memory's defaults (no flags:
 fitted to the model).
 
     python -m benchmarks.bench_real [--model smollm2] [--limit 100] [--every 25] [--name bench_real_smollm2]
-                                    [--speed 5] [--threads N]
+                                    [--speed 5] [--threads N] [--runs in_order distinct_subjects speed]
 
 Runs, on the shipped dev split (records in order; the threshold rule was tuned on records 200-399,
 never on the reported ones):
@@ -14,7 +14,8 @@ never on the reported ones):
   targets' setting;
 - `speed` (with --speed N > 0): N edits on the fast path against the same N on the full forward,
   in one process, seconds per edit and the ratio.
-Writes benchmarks/results/<name>.json and <name>.png (the in-order curve).
+Writes benchmarks/results/<name>.json and <name>.png (the in-order curve). `--runs` picks some of
+them (e.g. to run them as two processes side by side on two cores, with --threads 1 and two names).
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def row(label: str, r: dict[str, Any]) -> str:
             f"{r['rel_gen']:.3f} | {r['gen_gen']:.3f} | {r['loc_gen']:.3f} | {r['retrieval']['loc']:.3f} |")
 
 
+RUNS = ("in_order", "distinct_subjects", "speed")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
@@ -83,27 +87,32 @@ def main() -> None:
     parser.add_argument("--speed", type=int, default=5, help="edits timed fast vs full (0: skip)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--name", default=None)
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     set_threads(args.threads)
     name = args.name or f"bench_real_{args.model}"
     payload: dict[str, Any] = {"model": args.model, "limit": args.limit}
-    print(f"in order: {args.limit} edits", file=sys.stderr)
-    payload["in_order"] = quality(args.model, args.limit, args.every, distinct_subjects=False)
-    write_result(name, payload)
-    plot(payload["in_order"]["curve"], RESULTS_DIR / f"{name}.png",
-         f"MEMOIR on zsRE, {args.model}, threshold {payload['in_order']['config']['threshold']:g}")
-    print(f"distinct subjects: {args.limit} edits", file=sys.stderr)
-    payload["distinct_subjects"] = quality(args.model, args.limit, None, distinct_subjects=True)
-    write_result(name, payload)
-    if args.speed:
+    table = []
+    if "in_order" in args.runs:
+        print(f"in order: {args.limit} edits", file=sys.stderr)
+        payload["in_order"] = quality(args.model, args.limit, args.every, distinct_subjects=False)
+        write_result(name, payload)
+        plot(payload["in_order"]["curve"], RESULTS_DIR / f"{name}.png",
+             f"MEMOIR on zsRE, {args.model}, threshold {payload['in_order']['config']['threshold']:g}")
+        table.append(row("in order", payload["in_order"]))
+    if "distinct_subjects" in args.runs:
+        print(f"distinct subjects: {args.limit} edits", file=sys.stderr)
+        payload["distinct_subjects"] = quality(args.model, args.limit, None, distinct_subjects=True)
+        write_result(name, payload)
+        table.append(row("distinct subjects", payload["distinct_subjects"]))
+    if "speed" in args.runs and args.speed:
         payload["speed"] = speed(args.model, args.speed)
     path = write_result(name, payload)
     print("| run | T | Rel | Gen | Loc | rel_gen | gen_gen | loc_gen | loc retrieves |")
     print("| --- " * 9 + "|")
-    print(row("in order", payload["in_order"]))
-    print(row("distinct subjects", payload["distinct_subjects"]))
-    if args.speed:
+    print("\n".join(table))
+    if "speed" in payload:
         s = payload["speed"]
         print(f"edit: fast {s['seconds_per_edit']['fast']:.2f} s, full {s['seconds_per_edit']['full']:.2f} s, "
               f"{s['speedup']:.2f}x")

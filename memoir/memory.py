@@ -215,7 +215,7 @@ def _past_length(kwargs: dict, input_ids: torch.Tensor | None, attention_mask: t
     if isinstance(legacy, (tuple, list)) and legacy and legacy[0] is not None:
         return int(legacy[0][0].shape[-2])
     if input_ids is not None and attention_mask is not None and attention_mask.ndim == 2:
-        return max(0, attention_mask.shape[-1] - input_ids.shape[-1])
+        return max(0, attention_mask.shape[1] - input_ids.shape[1])  # ids (B, T) or embeddings (B, T, H)
     return 0
 
 
