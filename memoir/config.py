@@ -56,8 +56,8 @@ class MemoirConfig:
             raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.threshold_capacity < 1:
             raise ConfigError(f"threshold_capacity must be >= 1, got {self.threshold_capacity}")
-        if not 0.0 < self.threshold_false_retrievals < self.threshold_capacity:
-            raise ConfigError(f"threshold_false_retrievals must be in (0, threshold_capacity), "
+        if not 0.0 < self.threshold_false_retrievals < self.threshold_capacity / 2:
+            raise ConfigError(f"threshold_false_retrievals must be in (0, threshold_capacity / 2), "
                               f"got {self.threshold_false_retrievals}")
         if self.n_iter < 1:
             raise ConfigError(f"n_iter must be >= 1, got {self.n_iter}")

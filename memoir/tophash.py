@@ -60,7 +60,7 @@ def fit_threshold(masks: torch.Tensor, k: int, capacity: int, false_retrievals: 
         share = k / size
         mean, sd, most, count = share, math.sqrt(share * (1 - share) * (size - k) / max(1, size - 1) / k), 0.0, 0
     z = NormalDist().inv_cdf(1.0 - false_retrievals / capacity)
-    threshold = min(1.0, round(mean + z * sd, 4))
+    threshold = min(1.0, round(mean + max(z, 0.0) * sd, 4))
     return {"threshold": threshold, "chance_mean": round(mean, 4), "chance_sd": round(sd, 4),
             "chance_max": round(most, 4), "pairs": count, "capacity": capacity,
             "false_retrievals": false_retrievals, "z": round(z, 3)}

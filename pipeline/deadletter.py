@@ -51,7 +51,7 @@ def park(client: "redis.Redis", name: str, item: bytes | str, reason: str) -> st
 def _entry(text: bytes | str) -> dict[str, Any]:
     try:
         entry = json.loads(text)
-    except ValueError:  # written by someone else than `park`: shown as it is, never acted on by id
+    except (ValueError, RecursionError):  # written by someone else than `park`: shown as is, never acted on by id
         entry = None
     return entry if isinstance(entry, dict) else {"id": None, "reason": "not a dead-letter entry", "item": str(text)}
 

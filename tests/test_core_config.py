@@ -67,7 +67,7 @@ def test_explicit_layer_and_top_k_are_kept_and_checked():
 @pytest.mark.parametrize("bad", [dict(threshold=0.0), dict(threshold=1.5), dict(n_iter=0), dict(lr=0.0), dict(lr=float("inf")), dict(lr=float("nan")),
                                  dict(top_k=0), dict(layer=-1), dict(dtype="int8"), dict(prompt_format="xml"),
                                  dict(weight_decay=-1.0), dict(background_size=0), dict(threshold_capacity=0),
-                                 dict(threshold_false_retrievals=0.0)])
+                                 dict(threshold_false_retrievals=0.0), dict(threshold_false_retrievals=5000.0)])
 def test_out_of_range_settings_are_refused(bad):
     with pytest.raises(ConfigError):
         MemoirConfig(**bad)

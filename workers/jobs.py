@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from store import APPLIED, EditRecord
 from store.jobs import FAILED, JOB_FAILED, PENDING, SUPERSEDE, UNFINISHED, JobRecord
 from store.records import PENDING as EDIT_PENDING
-from workers.rollback import RollbackError, RollbackReport, rollback
+from workers.rollback import INTERRUPTIONS, RollbackError, RollbackReport, rollback
 
 if TYPE_CHECKING:
     from workers.runtime import Runtime
@@ -27,8 +27,9 @@ SUPERSEDES = "supersedes"  # event of a superseding edit: {"replaced": edit id, 
 
 def run_job(runtime: "Runtime", job: JobRecord, actor: str | None = None) -> RollbackReport | None:
     """Run one job to its end (in-process: no chunk limit). None when it did not run: a superseding
-    edit still pending, or a job refused (recorded `failed`: nothing was changed). Errors that
-    interrupt a job (workers.rollback.INTERRUPTIONS) propagate; the job stays unfinished."""
+    edit still pending, a job refused (recorded `failed`: nothing was changed), or one that raised
+    an error other than the store's (recorded `failed` with it, so that a worker can still start).
+    Errors that interrupt a job (workers.rollback.INTERRUPTIONS) propagate; the job stays unfinished."""
     store, name = runtime.store, runtime.name
     if job.kind == SUPERSEDE and job.status == PENDING:
         by = store.edit(job.by_edit_id)
@@ -45,6 +46,14 @@ def run_job(runtime: "Runtime", job: JobRecord, actor: str | None = None) -> Rol
         return rollback(runtime, job.edit_id, job.reason, job.exact, job=job.job, actor=actor)
     except RollbackError as exc:  # refused before it began: start_rollback recorded it failed
         log.warning("job %s: %s", job.job, exc)
+        return None
+    except INTERRUPTIONS:
+        raise
+    except Exception as exc:  # a defect, not the store: it would fail again at every start, so end it
+        log.exception("job %s failed", job.job)
+        error = f"{type(exc).__name__}: {exc}"
+        store.end_job(name, job.job, FAILED, JOB_FAILED, job.edit_id, {"job": job.job, "error": error},
+                      error=error, actor=actor)
         return None
 
 

@@ -53,13 +53,18 @@ def memory_of(queue: str) -> str:
 
 def take(client: Any, queue: str, raw: bytes) -> bool:
     """Whether queue item `raw` goes on to Celery; an item that is not a message this worker runs
-    is parked instead (a Redis error while parking propagates: kombu reconnects)."""
+    is parked instead (a Redis error while parking puts it back on the queue, if Redis allows,
+    and propagates: kombu reconnects)."""
     try:
         envelope = check_item(raw, queue)
     except BadItem as exc:
         reason = f"not a message this worker runs: {exc}"
         log.error("parking an item of %s (%s): %.200r", queue, reason, raw)
-        entry = deadletter.park(client, memory_of(queue), raw, reason)
+        try:
+            entry = deadletter.park(client, memory_of(queue), raw, reason)
+        except Exception:
+            client.rpush(queue, raw)  # back where it was taken from (kombu pops the right end), if Redis lets us
+            raise
         log.error("parked as dead letter %s", entry)
         return False
     if len(_taken) > 64:  # a message Celery took but never ran (it cannot be: prefetch 1); bounded anyway
@@ -183,8 +188,11 @@ def infrastructure(exc: BaseException) -> bool:
     from store import FencingError, WriterLockedError
     from store.tensors import CorruptFileError
 
-    kinds = (OSError, MemoryError, FencingError, WriterLockedError, CorruptFileError, peewee.OperationalError,
-             peewee.InterfaceError, peewee.InternalError, redis.ConnectionError, redis.TimeoutError, OperationalError)
+    import torch
+
+    kinds = (OSError, MemoryError, torch.OutOfMemoryError, FencingError, WriterLockedError, CorruptFileError,
+             peewee.OperationalError, peewee.InterfaceError, peewee.InternalError, redis.ConnectionError,
+             redis.TimeoutError, OperationalError)
     return isinstance(exc, kinds) or isinstance(exc.__cause__, kinds)
 
 
