@@ -30,7 +30,9 @@ from workers.runtime import Runtime
 from .harness import REPO
 
 NAME = "bounded"
-HEALTHZ_BOUND = 0.5  # seconds
+HEALTHZ_BOUND = 2.0  # seconds: a shared 2-core machine stalls now and then; the defect blocked it 4-5 s
+MIN_PROBES = 5
+FLOOD_TOKENS = 200  # of the tiny model's 256-token context
 
 pytestmark = pytest.mark.slow
 
@@ -85,12 +87,15 @@ class HealthWatch:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        deadline = time.monotonic() + 30
+        while len(self.latencies) < MIN_PROBES and time.monotonic() < deadline:  # a fast request: probe on
+            time.sleep(0.05)
         self._stop.set()
         self._thread.join()
 
     def check(self) -> None:
         assert not self.failures, self.failures[:3]
-        assert len(self.latencies) >= 5
+        assert len(self.latencies) >= MIN_PROBES
         assert max(self.latencies) < HEALTHZ_BOUND, sorted(self.latencies)[-5:]
 
 
@@ -128,8 +133,9 @@ def test_a_huge_prompt_is_refused_without_stalling_the_server(store, tmp_path):
 
 
 def test_a_flood_gets_503_with_retry_after_while_healthz_stays_fast(store, tmp_path):
-    server = serve(store, tmp_path / "serve.log", "--max-queue", "4", "--max-batch", "4")
-    body = json.dumps({"prompt": "What university did Watts Humphrey attend?", "max_tokens": 16,
+    # one sequence per batch and long answers: requests overlap on any CPU, so the inbox of 4 fills
+    server = serve(store, tmp_path / "serve.log", "--max-queue", "4", "--max-batch", "1")
+    body = json.dumps({"prompt": "What university did Watts Humphrey attend?", "max_tokens": FLOOD_TOKENS,
                        "ignore_eos": True}).encode()
     results: list[tuple[int, Any, Any]] = []
     try:
@@ -150,7 +156,7 @@ def test_a_flood_gets_503_with_retry_after_while_healthz_stays_fast(store, tmp_p
             if status == 503:
                 assert int(headers["Retry-After"]) >= 1 and answer["error"]["code"] == "overloaded", answer
             else:
-                assert answer["usage"]["completion_tokens"] == 16
+                assert answer["usage"]["completion_tokens"] == FLOOD_TOKENS
         assert server.complete("What university did Watts Humphrey attend?")["choices"][0]["finish_reason"]
         print(f"flood: {dict(counts)}; /healthz {len(watch.latencies)} probes, max {max(watch.latencies):.3f} s")
     finally:
