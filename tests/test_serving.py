@@ -20,7 +20,7 @@ from workers.status_mirror import MirroringStore, StatusBoard
 FAST = MemoirConfig(n_iter=5, check_size=1)
 REDIS_URL = "redis://127.0.0.1:6379/14"
 # On the 512-wide tiny model, masks of unrelated prompts overlap an edit's by 0.3-0.6: at the
-# default threshold 0.4 most of them retrieve some edit. 0.9 keeps retrieval to the edit prompts.
+# paper's threshold 0.4 most of them retrieve some edit. 0.9 keeps retrieval to the edit prompts.
 SERVED = MemoirConfig(check_size=1, threshold=0.9)
 
 

@@ -32,7 +32,7 @@ from workers.runtime import Runtime
 REPO = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://127.0.0.1:6379/15"
 NAME = "served"
-# At the default threshold 0.4 most prompts retrieve some edit of the tiny model (see test_serving).
+# At the paper's threshold 0.4 most prompts retrieve some edit of the tiny model (see test_serving).
 CONFIG = MemoirConfig(check_size=1, threshold=0.9)
 RELOAD_SECONDS = 5.0  # "within seconds": from the worker's `applied` to the server's new answer
 
