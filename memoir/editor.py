@@ -370,14 +370,15 @@ class Editor:
                                       pad_token_id=self.codec.pad_id)
         finally:
             self.memory.enabled = previous
-        stops = self._stop_ids()
+        stops = self.stop_ids()
         rows = []
         for row in out[:, batch.input_ids.shape[1] :].tolist():
             end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
             rows.append(row[:end])
         return rows
 
-    def _stop_ids(self) -> set[int]:
+    def stop_ids(self) -> set[int]:
+        """The tokens that end an answer: the model's end-of-sequence ids and the tokenizer's."""
         eos = self.model.generation_config.eos_token_id
         stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:

@@ -254,8 +254,7 @@ class Engine:
         self.batch_wait = batch_wait
         self.max_tokens_limit = max_tokens_limit
         self.context = int(getattr(served.model.config, "max_position_embeddings", 0) or 0)
-        eos = served.model.generation_config.eos_token_id
-        self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos = served.editor.stop_ids()
         self.batches = 0
         self.reloads = 0
         self.metrics = ServerMetrics()  # create_app puts the app's here
