@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 600.0  # a fresh machine fetches and converts SmolLM2 first (a minute or two)
 ANSWER_TOKENS = 16
+NO_ANSWER = "(no answer: only white space or the end token)"
 SCORE_ORDER = ("rel_gen", "gen_gen", "loc_gen", "rel", "gen", "loc")  # what users read first
 
 
@@ -120,7 +121,7 @@ def _answers(model: str, store_dir: Path, name: str, prompts: list[str]) -> tupl
 
 
 def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return next((line.strip() for line in text.splitlines() if line.strip()), NO_ANSWER)
 
 
 def _verdict(answer: str, target: str) -> str:
