@@ -25,11 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from memoir import MemoirConfig
 from pipeline import settings
-from pipeline.client import Client
-from pipeline.local_redis import free_port, redis_for
-from workers.runtime import Runtime
+from pipeline.local_redis import free_port
 
-from test_serving_http import Process, Server, wait_until
+from test_serving_http import Server, wait_until, worker_stack
 
 REPO = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://127.0.0.1:6379/6"
@@ -67,31 +65,15 @@ def json_lines(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, trained_llama_path, zsre):
     root = tmp_path_factory.mktemp("observability")
-    store = str(root / "store")
-    with redis_for(REDIS_URL) as (url, _):
-        client = Client(url)
-        client.redis.flushdb()
-        Runtime.open("builtin", store, name=NAME, config=CONFIG).close()
-        env = {**os.environ, "MEMOIR_REDIS_URL": url, "PYTHONPATH": str(REPO)}
-        port = free_port()
-        worker = Process(["worker", "--model", "builtin", "--name", NAME, "--store", store, "--metrics-port",
-                          str(port), "--events", "--log-format", "json"], env, root / "worker.log")
-        processes = [worker]
-        try:
-            worker.ready("memoir worker ready:")
-            first = client.submit(zsre[0]["src"], zsre[0]["alt"], name=NAME, request_id="obs-a").wait(timeout=300)
-            assert first["status"] == "applied", first
-            server = Server(["serve", "--model", "builtin", "--name", NAME, "--store", store, "--port", "0",
-                             "--poll", "0.5", "--log-format", "json"], env, root / "serve.log")
-            processes.append(server)
-            server.start()
-            yield SimpleNamespace(client=client, url=url, worker=worker, server=server, edit_a=first["edit_id"],
-                                  worker_metrics=f"http://127.0.0.1:{port}/metrics")
-        finally:
-            for process in reversed(processes):
-                process.stop()
-            client.redis.flushdb()
-            client.close()
+    port = free_port()
+    options = ("--metrics-port", str(port), "--events", "--log-format", "json")
+    with worker_stack(root, REDIS_URL, NAME, CONFIG, zsre[0], "obs-a", options) as base:
+        server = Server(["serve", "--model", "builtin", "--name", NAME, "--store", base.store, "--port", "0",
+                         "--poll", "0.5", "--log-format", "json"], base.env, root / "serve.log")
+        base.processes.append(server)
+        server.start()
+        yield SimpleNamespace(client=base.client, url=base.url, worker=base.worker, server=server,
+                              edit_a=base.first["edit_id"], worker_metrics=f"http://127.0.0.1:{port}/metrics")
 
 
 def test_server_metrics_count_completions(stack, zsre):

@@ -9,6 +9,7 @@ The tests run in file order: each edit or rollback they make through the queue i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -20,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -136,37 +137,50 @@ def wait_until(check, timeout: float, what: str) -> float:
     return time.monotonic() - started
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, trained_llama_path, zsre):
-    root = tmp_path_factory.mktemp("serving")
+@contextlib.contextmanager
+def worker_stack(root: Path, redis_url: str, name: str, config: MemoirConfig, record: dict[str, Any],
+                 request_id: str, worker_options: tuple[str, ...] = ()) -> Iterator[SimpleNamespace]:
+    """A Redis (flushed), a store whose memory `name` is made once, a real worker that has applied
+    `record` as the first edit. The caller appends its servers to `processes`; at the end every
+    process is stopped, last started first, and Redis flushed."""
     store = str(root / "store")
-    with redis_for(REDIS_URL) as (url, _):
+    with redis_for(redis_url) as (url, _):
         client = Client(url)
         client.redis.flushdb()
-        Runtime.open("builtin", store, name=NAME, config=CONFIG).close()  # the memory, made once
+        Runtime.open("builtin", store, name=name, config=config).close()  # the memory, made once
         env = {**os.environ, "MEMOIR_REDIS_URL": url, "PYTHONPATH": str(REPO)}
-        worker = Process(["worker", "--model", "builtin", "--name", NAME, "--store", store], env, root / "worker.log")
-        processes = [worker]
+        worker = Process(["worker", "--model", "builtin", "--name", name, "--store", store, *worker_options], env,
+                         root / "worker.log")
+        processes: list[Process] = [worker]
         try:
             worker.ready("memoir worker ready:")
-            first = client.submit(zsre[0]["src"], zsre[0]["alt"], name=NAME, request_id="edit-a").wait(timeout=300)
+            first = client.submit(record["src"], record["alt"], name=name, request_id=request_id).wait(timeout=300)
             assert first["status"] == "applied", first
-            serve = ["serve", "--model", "builtin", "--name", NAME, "--store", store, "--port", "0"]
-            servers = {
-                "follow": Server(serve + ["--poll", "30"], env, root / "follow.log"),
-                "polling": Server(serve + ["--poll", "0.5"], {**env, "MEMOIR_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
-                                  root / "polling.log"),
-                "pinned": Server(serve + ["--at-seq", "1"], env, root / "pinned.log"),
-            }
-            processes += servers.values()
-            for server in servers.values():
-                server.start()
-            yield SimpleNamespace(client=client, worker=worker, edit_a=first["edit_id"], **servers)
+            yield SimpleNamespace(client=client, url=url, env=env, store=store, worker=worker, first=first,
+                                  processes=processes)
         finally:
             for process in reversed(processes):
                 process.stop()
             client.redis.flushdb()
             client.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, trained_llama_path, zsre):
+    root = tmp_path_factory.mktemp("serving")
+    with worker_stack(root, REDIS_URL, NAME, CONFIG, zsre[0], "edit-a") as base:
+        serve = ["serve", "--model", "builtin", "--name", NAME, "--store", base.store, "--port", "0"]
+        servers = {
+            "follow": Server(serve + ["--poll", "30"], base.env, root / "follow.log"),
+            "polling": Server(serve + ["--poll", "0.5"],
+                              {**base.env, "MEMOIR_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
+                              root / "polling.log"),
+            "pinned": Server(serve + ["--at-seq", "1"], base.env, root / "pinned.log"),
+        }
+        base.processes += servers.values()
+        for server in servers.values():
+            server.start()
+        yield SimpleNamespace(client=base.client, worker=base.worker, edit_a=base.first["edit_id"], **servers)
 
 
 def test_edited_prompts_answer_their_target_and_others_as_the_base_model(stack, zsre):
