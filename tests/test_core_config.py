@@ -149,3 +149,24 @@ def test_editor_on_an_unknown_architecture_locates_from_structure_or_module_path
     assert model.get_submodule("model.layers.1.mlp.down_proj") is editor.memory
     result = editor.edit("What university did Watts Humphrey attend?", "University of Michigan", score=False)
     assert result.steps >= 1 and editor.memory.index.edit_count == 1
+
+
+def test_fit_threshold_on_random_masks_matches_the_hypergeometric_law():
+    """Random k-of-D masks overlap by k/D on average: the fit from 200 of them and the fallback
+    used with fewer than 3 prompts (the law itself) agree, and more capacity means a higher τ."""
+    import torch
+
+    from memoir.tophash import dense_masks, fit_threshold
+
+    size, k = 1536, 439
+    generator = torch.Generator().manual_seed(0)
+    columns = torch.stack([torch.randperm(size, generator=generator)[:k] for _ in range(200)])
+    measured = fit_threshold(dense_masks(columns, size), k, capacity=10_000, false_retrievals=0.01)
+    law = fit_threshold(dense_masks(columns[:2], size), k, capacity=10_000, false_retrievals=0.01)
+    assert law["pairs"] == 0 and law["chance_mean"] == round(k / size, 4)
+    assert abs(measured["chance_mean"] - law["chance_mean"]) < 0.005
+    assert abs(measured["chance_sd"] - law["chance_sd"]) < 0.003
+    assert abs(measured["threshold"] - law["threshold"]) < 0.02
+    assert measured["chance_max"] < measured["threshold"]
+    smaller = fit_threshold(dense_masks(columns, size), k, capacity=10, false_retrievals=0.01)
+    assert measured["chance_mean"] < smaller["threshold"] < measured["threshold"]
