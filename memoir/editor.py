@@ -218,18 +218,20 @@ class Editor:
 
     def mask_of(self, prompt: str) -> torch.Tensor:
         """The TopHash columns of a prompt (sorted, k of them)."""
-        batch = self.batch([prompt])
-        acts = _activations(self.model, self.memory, batch)
-        return self.memory.columns_for(acts, batch.prompt_mask)[0].cpu()
+        return self._columns_of([prompt])[0]
 
-    def masks_of(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    def masks_of(self, prompts: Sequence[str]) -> torch.Tensor:
         """The TopHash masks of prompts as (len(prompts), D) 0/1 rows."""
+        return dense_masks(self._columns_of(prompts), self.memory.site.in_features)
+
+    def _columns_of(self, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """(len(prompts), k) sorted TopHash columns, on the CPU."""
         rows = []
         for start in range(0, len(prompts), batch_size):
             batch = self.batch(prompts[start : start + batch_size])
             acts = _activations(self.model, self.memory, batch)
-            rows.append(dense_masks(self.memory.columns_for(acts, batch.prompt_mask), self.memory.site.in_features))
-        return torch.cat(rows).cpu()
+            rows.append(self.memory.columns_for(acts, batch.prompt_mask).cpu())
+        return torch.cat(rows)
 
     # -- editing ---------------------------------------------------------------------------
     def train(self, prompt: str, target: str, edit_id: int, unrelated: str | None = None) -> EditResult:
