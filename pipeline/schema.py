@@ -15,8 +15,10 @@ import os
 import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DEFAULT_NAME = "default"
 DEFAULT_MAX_CHARS = 2000  # per text field; MEMOIR_MAX_CHARS overrides
@@ -186,17 +188,71 @@ def _payload_hash(message: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-@dataclass(frozen=True)
-class EditRequest:
-    """One validated edit request. Build it with `validate_edit`, not directly."""
+class EditRequest(BaseModel):
+    """One validated edit request (a pydantic model: `edit_request_json_schema()` is its JSON
+    Schema). Build it with `validate_edit(data)`, which raises `RequestError` naming the field;
+    `EditRequest.model_validate(data)` applies the same rules but raises pydantic's
+    `ValidationError` (each error's `ctx["error"]` is the `RequestError`)."""
 
-    prompt: str
-    target: str
-    request_id: str
-    rephrases: tuple[str, ...] = ()
-    metadata: dict[str, Any] = field(default_factory=dict)
-    name: str = DEFAULT_NAME
-    replaces: int | str | None = None
+    model_config = ConfigDict(frozen=True, extra="forbid", title="memoir edit request")
+
+    prompt: str = Field(description="The prompt whose answer the edit changes.")
+    target: str = Field(description="The answer the edited model should give.")
+    rephrases: tuple[str, ...] = Field((), description="Paraphrases of the prompt, trained and scored with it.")
+    request_id: str = Field(default_factory=lambda: new_request_id(),
+                            description="The idempotency key (and Celery task id); a uuid4 when absent.")
+    name: str = Field(DEFAULT_NAME, description="The memory edited (its queue is memoir.<name>).")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Any JSON object, kept in the ledger.")
+    replaces: int | str | None = Field(None, description=f"The edit this one supersedes: its ledger id, its "
+                                                         f"request id, or {SAME_PROMPT!r}.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _object_with_known_fields(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            raise RequestError("request", f"must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(str(k) for k in data if k not in FIELDS)
+        if unknown:
+            key = unknown[0]  # named as written when it looks like a field name, else quoted (blank, odd characters)
+            key = key if re.fullmatch(r"\w{1,64}", key, re.ASCII) else repr(key[:64])
+            raise RequestError(key, f"is not a request field (expected some of {', '.join(FIELDS)})")
+        return data
+
+    @field_validator("prompt", "target", mode="before")
+    @classmethod
+    def _text(cls, value: Any, info: ValidationInfo) -> str:
+        return check_text(info.field_name, value, _max_chars(info))
+
+    @field_validator("rephrases", mode="before")
+    @classmethod
+    def _rephrases(cls, value: Any, info: ValidationInfo) -> tuple[str, ...]:
+        value = () if value is None else value
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise RequestError("rephrases", f"must be a list of texts, got {type(value).__name__}")
+        if len(value) > MAX_REPHRASES:
+            raise RequestError("rephrases", f"has {len(value)} entries; the limit is {MAX_REPHRASES}")
+        limit = _max_chars(info)
+        return tuple(check_text(f"rephrases[{i}]", r, limit) for i, r in enumerate(value))
+
+    @field_validator("request_id", mode="before")
+    @classmethod
+    def _request_id(cls, value: Any) -> str:
+        return new_request_id() if value is None else check_request_id(value)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, value: Any) -> str:
+        return DEFAULT_NAME if value is None else check_name(value)
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, value: Any) -> dict[str, Any]:
+        return _check_metadata(value)
+
+    @field_validator("replaces", mode="before")
+    @classmethod
+    def _replaces(cls, value: Any) -> int | str | None:
+        return check_replaces(value)
 
     def to_message(self) -> dict[str, Any]:
         """The JSON body the worker receives (and `runtime.apply_request` takes); `replaces`
@@ -218,8 +274,38 @@ class EditRequest:
         return _payload_hash(self.to_message())
 
 
+def _max_chars(info: ValidationInfo) -> int:
+    context = info.context or {}
+    limit = context.get("max_chars")
+    return limit if limit is not None else max_chars_default()
+
+
 def new_request_id() -> str:
     return str(uuid.uuid4())
+
+
+def _field_of(location: tuple[Any, ...]) -> str:
+    """pydantic's error location as this module names fields: ("rephrases", 1) -> "rephrases[1]"."""
+    if not location:
+        return "request"
+    text = str(location[0])
+    for part in location[1:]:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text
+
+
+def request_error(error: ValidationError) -> RequestError:
+    """The first refusal of a pydantic `ValidationError` of `EditRequest` as a `RequestError`."""
+    first = error.errors(include_url=False)[0]
+    original = (first.get("ctx") or {}).get("error")
+    if isinstance(original, RequestError):
+        return original
+    if first.get("type") == "missing":
+        field_name = _field_of(first["loc"])
+        if field_name in ("prompt", "target"):
+            return RequestError(field_name, "must be text, got NoneType")  # as before: a missing text is no text
+        return RequestError(field_name, "is missing")
+    return RequestError(_field_of(first["loc"]), first.get("msg", "is invalid"))
 
 
 def validate_edit(data: Mapping[str, Any], *, max_chars: int | None = None) -> EditRequest:
@@ -227,30 +313,42 @@ def validate_edit(data: Mapping[str, Any], *, max_chars: int | None = None) -> E
 
     Unknown fields are refused (a typo must not silently drop a field). A missing
     `request_id` is generated; a missing `name` is `default`; `replaces` is `check_replaces`'s.
+    Raises `RequestError` naming the first offending field.
     """
     if not isinstance(data, Mapping):
         raise RequestError("request", f"must be a JSON object, got {type(data).__name__}")
-    unknown = sorted(str(k) for k in data if k not in FIELDS)
-    if unknown:
-        key = unknown[0]  # named as written when it looks like a field name, else quoted (blank, odd characters)
-        key = key if re.fullmatch(r"\w{1,64}", key, re.ASCII) else repr(key[:64])
-        raise RequestError(key, f"is not a request field (expected some of {', '.join(FIELDS)})")
     limit = max_chars if max_chars is not None else max_chars_default()
-    prompt = check_text("prompt", data.get("prompt"), limit)
-    target = check_text("target", data.get("target"), limit)
-    rephrases = data.get("rephrases")
-    rephrases = () if rephrases is None else rephrases
-    if isinstance(rephrases, (str, bytes)) or not isinstance(rephrases, (list, tuple)):
-        raise RequestError("rephrases", f"must be a list of texts, got {type(rephrases).__name__}")
-    if len(rephrases) > MAX_REPHRASES:
-        raise RequestError("rephrases", f"has {len(rephrases)} entries; the limit is {MAX_REPHRASES}")
-    checked = tuple(check_text(f"rephrases[{i}]", r, limit) for i, r in enumerate(rephrases))
-    request_id = data.get("request_id")
-    request_id = new_request_id() if request_id is None else check_request_id(request_id)
-    name = data.get("name")
-    name = DEFAULT_NAME if name is None else check_name(name)
-    return EditRequest(prompt, target, request_id, checked, _check_metadata(data.get("metadata")), name,
-                       check_replaces(data.get("replaces")))
+    try:
+        return EditRequest.model_validate(data, context={"max_chars": limit})
+    except ValidationError as exc:
+        raise request_error(exc) from None
+
+
+def edit_request_json_schema(*, max_chars: int | None = None) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of an edit request, with the limits in force (`max_chars`,
+    default `MEMOIR_MAX_CHARS`): what the HTTP API and `memoir submit` accept. Checks that JSON
+    Schema cannot say (blank texts, invalid UTF-8, control characters, metadata size and
+    depth) are in the descriptions."""
+    limit = max_chars if max_chars is not None else max_chars_default()
+    schema = EditRequest.model_json_schema(mode="validation")
+    props = schema["properties"]
+    text = {"minLength": 1, "maxLength": limit}
+    for key in ("prompt", "target"):
+        props[key].update(text)
+        props[key]["description"] += (" Not blank; no NUL or other control characters but tab and line breaks; "
+                                      f"at most {limit} characters.")
+    props["rephrases"]["items"].update(text)
+    props["rephrases"]["maxItems"] = MAX_REPHRASES
+    props["request_id"]["pattern"] = f"^{REQUEST_ID_PATTERN.pattern}$"
+    props["name"]["pattern"] = f"^{NAME_PATTERN.pattern}$"
+    props["metadata"]["description"] += (f" At most {MAX_METADATA_BYTES} bytes as JSON, nesting at most "
+                                         f"{MAX_METADATA_DEPTH} levels.")
+    for option in props["replaces"]["anyOf"]:
+        if option.get("type") == "integer":
+            option.update({"minimum": 1, "maximum": MAX_EDIT_ID})
+        elif option.get("type") == "string":
+            option["pattern"] = f"^{REQUEST_ID_PATTERN.pattern}$"
+    return schema
 
 
 def record_to_request(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -385,7 +483,7 @@ def validate_replay(*, from_seq: object = 1, mode: object = "retrain", name: obj
 
 __all__ = [
     "DEFAULT_NAME", "EditRequest", "REPLAY_MODES", "ReplayRequest", "RequestError", "RollbackRequest", "SAME_PROMPT",
-    "check_bounds", "check_name", "check_replaces", "check_request_id", "check_text", "check_unique_ids", "json_depth",
+    "check_bounds", "check_name", "edit_request_json_schema", "request_error", "check_replaces", "check_request_id", "check_text", "check_unique_ids", "json_depth",
     "max_chars_default", "new_request_id", "read_edit_file", "record_to_request", "validate_edit",
     "validate_replay", "validate_rollback",
 ]

@@ -222,3 +222,50 @@ def test_tls_urls_verify_certificates_unless_told_otherwise(monkeypatch):
     connection = settings.make_app("rediss://:pw@host:6380/0").connection_for_write()
     assert connection.ssl["ssl_cert_reqs"] == ssl.CERT_REQUIRED
     assert "pw" not in connection.as_uri()
+
+
+# ----------------------------------------------------------------- the pydantic model, its schema
+
+
+def test_the_request_is_a_pydantic_model_with_the_same_refusals():
+    from pydantic import BaseModel, ValidationError
+
+    assert issubclass(EditRequest, BaseModel)
+    request = EditRequest.model_validate({"prompt": "q", "target": "x", "rephrases": ["r"], "replaces": 4})
+    assert request.rephrases == ("r",) and request.replaces == 4 and request.name == "default"
+    with pytest.raises(ValidationError) as info:
+        EditRequest.model_validate({"prompt": "q", "target": "x", "rephrases": ["ok", " "]})
+    original = info.value.errors()[0]["ctx"]["error"]
+    assert isinstance(original, RequestError) and original.field == "rephrases[1]"
+    with pytest.raises(ValidationError):
+        EditRequest.model_validate({"prompt": "q", "target": "x", "tagret": "y"})
+    with pytest.raises(Exception):  # frozen: a validated request cannot be changed afterwards
+        request.target = "y"  # type: ignore[misc]
+    # the same checks through the constructor
+    with pytest.raises(ValidationError):
+        EditRequest(prompt="q", target="x", name="a/b")
+
+
+def test_the_json_schema_states_the_limits_in_force():
+    import jsonschema
+
+    from pipeline.schema import MAX_REPHRASES, edit_request_json_schema
+
+    schema = edit_request_json_schema(max_chars=50)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["required"] == ["prompt", "target"] and schema["additionalProperties"] is False
+    assert schema["properties"]["prompt"]["maxLength"] == 50
+    assert schema["properties"]["rephrases"]["maxItems"] == MAX_REPHRASES
+    check = jsonschema.Draft202012Validator(schema)
+    accepted = {"prompt": "q", "target": "x", "rephrases": ["r"], "request_id": "crm-1", "name": "llama3",
+                "metadata": {"k": [1]}, "replaces": "same-prompt"}
+    assert check.is_valid(accepted) and validate_edit(accepted, max_chars=50)
+    refused = [{"prompt": "q"}, {"prompt": "q", "target": "x", "tagret": "y"},
+               {"prompt": "q" * 51, "target": "x"}, {"prompt": "q", "target": "x", "name": "a/b"},
+               {"prompt": "q", "target": "x", "request_id": "has space"},
+               {"prompt": "q", "target": "x", "rephrases": ["r"] * (MAX_REPHRASES + 1)},
+               {"prompt": "q", "target": "x", "replaces": 0}, {"prompt": "q", "target": "x", "metadata": []}]
+    for data in refused:  # what the schema refuses, validate_edit refuses too
+        assert not check.is_valid(data), data
+        with pytest.raises(RequestError):
+            validate_edit(data, max_chars=50)
