@@ -15,6 +15,7 @@ COPY memoir ./memoir
 COPY store ./store
 COPY pipeline ./pipeline
 COPY workers ./workers
+COPY serving ./serving
 RUN pip install ".[worker,postgres,serve]"
 
 # Not root: the store and the caches belong to this user (uid 1000 unless compose says otherwise).

@@ -94,6 +94,18 @@ def resolve_model(model: str | os.PathLike, cache_dir: str | os.PathLike | None 
     return name, None
 
 
+def torch_dtype(dtype: Any) -> Any:
+    """A torch dtype from its name ("bfloat16"), a torch.dtype or None (the model's own)."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value
+
+
 def load_model(model: str | os.PathLike, dtype: Any = None, device: Any = None) -> tuple[Any, Any, str | None]:
     """(model, tokenizer, revision) for a `--model` value (see `resolve_model`); a model that
     cannot be loaded raises ModelSourceError."""

@@ -24,7 +24,7 @@ COMMANDS: dict[str, str] = {
     "demo": "workers.demo:demo",
     "rollback": "workers.rollback_commands:rollback",
     "replay": "workers.rollback_commands:replay",
-    "serve": "workers.serve_command:serve",
+    "serve": "serving.command:serve",
 }
 
 

@@ -56,7 +56,7 @@ def edited(tmp_path_factory, zsre) -> dict:
 
 @pytest.fixture(scope="module")
 def served(edited):
-    from workers.serving import load
+    from serving import load
 
     model = load("smollm2", store=edited["store"], name=NAME)
     yield model

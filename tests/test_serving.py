@@ -14,7 +14,8 @@ from pipeline.local_redis import redis_for
 from store import Store, StoreError, UnknownMemoryError
 from store.snapshots import ledger_mark, load_snapshot
 from workers.runtime import Runtime
-from workers.serving import Follower, load
+from serving.follower import Follower
+from serving.model import load
 from workers.status_mirror import MirroringStore, StatusBoard
 
 FAST = MemoirConfig(n_iter=5, check_size=1)

@@ -31,7 +31,7 @@ from typing import Any
 import click
 
 from pipeline.cli import fail
-from workers.model_options import model_option, module_path_option
+from pipeline.model_options import model_option, module_path_option
 
 log = logging.getLogger(__name__)
 

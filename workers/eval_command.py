@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from pipeline.cli import emit_json, fail
-from workers.model_options import model_option, module_path_option
+from pipeline.model_options import model_option, module_path_option
 
 CURVE_POINTS = 20  # scores taken along the way when --plot asks for the curve
 

@@ -14,7 +14,7 @@ import click
 from pipeline.cli import emit_json, fail
 from pipeline.schema import RequestError, check_replaces
 from pipeline.store_commands import keep_checkpoints_option
-from workers.model_options import model_option, module_path_option
+from pipeline.model_options import model_option, module_path_option
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import click
 
 from pipeline.cli import emit_json, fail
 from pipeline.ledger_commands import STORE_HELP, open_store
-from workers.model_options import MODEL_HELP, model_option
+from pipeline.model_options import MODEL_HELP, model_option
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from memoir import EditResult, Editor, MemoirConfig, MemoryMismatchError, detach, find_memory
-from memoir.sources import load_model, resolve_model
+from memoir.sources import load_model, resolve_model, torch_dtype
 from memoir.tinymodel import zsre_records
 from pipeline.schema import RequestError, check_bounds
 from store import (
@@ -42,15 +42,6 @@ BACKGROUND_RECORDS = slice(400, 450)  # zsRE records whose `loc` questions make 
 def default_background_prompts() -> list[str]:
     """The `loc` questions of the shipped zsRE records 400..449: unrelated to the edits of 0..399."""
     return [r["loc"] for r in zsre_records()[BACKGROUND_RECORDS] if r.get("loc")]
-
-
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return value
 
 
 @dataclass
@@ -119,7 +110,7 @@ class Runtime:
             loaded, tok = model.to(device), tokenizer
         else:
             model_id = str(model)
-            loaded, tok, revision = load_model(model, dtype=_dtype(dtype), device=device)
+            loaded, tok, revision = load_model(model, dtype=torch_dtype(dtype), device=device)
         owns_store = not isinstance(store, Store)
         store = store if isinstance(store, Store) else Store.open(store, tensor_dir)
         lock = None

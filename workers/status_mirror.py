@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import settings
 from store import EditRecord, Store
-from workers.notify import publish_change
+from pipeline.notify import publish_change
 
 if TYPE_CHECKING:
     import redis

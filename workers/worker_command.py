@@ -17,8 +17,8 @@ import click
 
 from pipeline.cli import fail
 from pipeline.store_commands import keep_checkpoints_option
-from workers.logs import log_format_option
-from workers.model_options import model_option, module_path_option
+from pipeline.logs import log_format_option
+from pipeline.model_options import model_option, module_path_option
 
 READY_PREFIX = "memoir worker ready:"
 
@@ -55,7 +55,7 @@ def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str |
            module_path: str | None, lock_wait: float, keep_checkpoints: int, loglevel: str, log_format: str,
            metrics_port: int, metrics_host: str, events: bool) -> None:
     """Serve memory NAME: apply the edits of queue memoir.<NAME> serially into the store."""
-    from workers import logs
+    from pipeline import logs
 
     logs.setup(loglevel, log_format, celery_tasks=True)
     from celery import signals

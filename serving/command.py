@@ -1,4 +1,4 @@
-"""`memoir serve`: the edited model behind an OpenAI-style HTTP endpoint (workers/server.py).
+"""`memoir serve`: the edited model behind an OpenAI-style HTTP endpoint (serving/app.py).
 
 Loads the model and memory NAME from the store, newest (following the ledger: change notices
 on Redis `memoir.<name>.changes`, and a poll of the store every `--poll` seconds) or pinned with
@@ -17,8 +17,8 @@ import sys
 import click
 
 from pipeline.cli import fail
-from workers.logs import log_format_option
-from workers.model_options import model_option
+from pipeline.logs import log_format_option
+from pipeline.model_options import model_option
 
 READY_PREFIX = "memoir serve ready:"
 LISTENING_PREFIX = "memoir serve listening:"
@@ -60,7 +60,7 @@ def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | 
     """Serve memory NAME over HTTP: /v1/completions, /v1/chat/completions, /v1/memory, /healthz, /readyz.
 
     It listens at once (`/readyz` answers 503 until the model and memory are loaded)."""
-    from workers import logs
+    from pipeline import logs
 
     as_json = logs.setup(loglevel, log_format)
     import uvicorn
@@ -68,8 +68,11 @@ def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | 
 
     from memoir import ConfigError, MemoryMismatchError
     from store import StoreError
-    from workers.server import Engine, Limits, create_app
-    from workers.serving import Follower, load
+    from serving.app import create_app
+    from serving.engine import Engine
+    from serving.follower import Follower
+    from serving.http import Limits
+    from serving.model import load
 
     try:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
