@@ -29,9 +29,8 @@ def store() -> None:
 def _orphans(s, name: str) -> list:
     """Files of the checkpoint directory no ledger row names (a crash between a prune's commit and
     its deletions, or between writing a checkpoint and committing it): safe to delete under the lock."""
-    directory = s.tensor_dir / name / "checkpoints"
-    named = {s.path(c.file) for c in s.checkpoints(name)}
-    return [p for p in sorted(directory.iterdir()) if p not in named] if directory.is_dir() else []
+    named = {c.file for c in s.checkpoints(name)}
+    return [blob for blob in s.blobs.list(f"{name}/checkpoints/") if blob.key not in named]
 
 
 @store.command("compact")
@@ -53,12 +52,12 @@ def compact(store_path: str | None, name: str | None, keep_checkpoints: int, as_
                 with s.writer_lock(memory):
                     removed = s.prune_checkpoints(memory, keep_checkpoints)
                     orphans = _orphans(s, memory)
-                    freed = sum(c.bytes for c in removed) + sum(p.stat().st_size for p in orphans)
-                    for path in orphans:
-                        path.unlink(missing_ok=True)
+                    freed = sum(c.bytes for c in removed) + sum(blob.size for blob in orphans)
+                    for blob in orphans:
+                        s.blobs.delete(blob.key)
                     kept = [c.version for c in s.checkpoints(memory)]
                 out[memory] = {"removed": [c.version for c in removed], "kept": kept, "bytes_freed": freed,
-                               "orphans": [p.name for p in orphans]}
+                               "orphans": [blob.key.rpartition("/")[2] for blob in orphans]}
         except WriterLockedError as exc:
             fail(f"refusing to compact: {exc} (its writer lock is taken); a running worker prunes its own "
                  "checkpoints (--keep-checkpoints)")

@@ -56,7 +56,15 @@ def write_content_addressed(root: str | os.PathLike, subdir: str, data: bytes,
     relative = final.relative_to(root).as_posix()
     if final.exists() and sha256_file(final) == sha:
         return relative, sha
-    tmp = directory / f".{final.name}.{os.getpid()}{TMP_SUFFIX}"
+    write_atomic(directory, final.name, data)
+    return relative, sha
+
+
+def write_atomic(directory: Path, name: str, data: bytes) -> Path:
+    """Write `directory/name` through an owner-only temp file that is fsynced, renamed into
+    place, and the directory fsynced: a crash leaves either no file or the whole file."""
+    final = directory / name
+    tmp = directory / f".{name}.{os.getpid()}{TMP_SUFFIX}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         view = memoryview(data)
@@ -71,4 +79,4 @@ def write_content_addressed(root: str | os.PathLike, subdir: str, data: bytes,
     os.close(fd)
     os.replace(tmp, final)
     _fsync_dir(directory)
-    return relative, sha
+    return final

@@ -9,11 +9,13 @@ Layout of a local store (`MEMOIR_STORE`, default `./memoir-store`, owner-only):
     tensors/<memory>/checkpoints/v<version>-<sha>.safetensors   W_m + index + the delta each edit held,
                                                every N changes; the newest few kept (store/checkpoints.py)
 
-The tensor directory can live apart from the ledger (`tensor_dir`, `MEMOIR_TENSORS`): a team
-running the ledger on PostgreSQL points every host at one shared volume.
+The tensors can live apart from the ledger (`tensor_dir`, `MEMOIR_TENSORS`): another directory,
+or S3-compatible object storage (`s3://bucket/prefix`, store/blobs.py). With the ledger on
+PostgreSQL and the tensors in object storage, nothing of a memory lives on one host. Keys in
+object storage are the relative paths above (`<memory>/deltas/<sha>.safetensors`).
 
 Invariant kept here: W_m = Σ deltas of the `applied` edits (a delta file is written and
-fsynced before the ledger row that makes it applied is committed: a crash in between leaves
+fsynced (an object is written and verified) before the ledger row that makes it applied is committed: a crash in between leaves
 an orphan file and an edit that is still `applying`, to be redone), and the index holds
 exactly their masks. `verify` checks it. Rollback jobs are ledger rows too (store/jobs.py), so
 that the next writer finishes one a crash left undone. Every ledger write of a writer is fenced.
@@ -36,7 +38,8 @@ import peewee as pw
 from store import checkpoints as ckpts
 from store import database
 from store import jobs as job_kinds
-from store.files import FILE_MODE, private_dir, write_content_addressed
+from store.blobs import Blobs, LocalBlobs, open_blobs, put_content_addressed, read_verified
+from store.files import FILE_MODE, private_dir
 from store.jobs import JobRecord
 from store.lock import WriterLock
 from store.models import Tables
@@ -127,11 +130,13 @@ def _check_json(field: str, value: Any) -> None:
 class Store:
     """The ledger and tensor files of one or more memories. Open with `Store.open(...)`."""
 
-    def __init__(self, db: pw.Database, tensor_dir: Path, lock_dir: Path | None, location: str,
-                 actor: str | None = None) -> None:
+    def __init__(self, db: pw.Database, tensors: "Blobs | str | os.PathLike", lock_dir: Path | None,
+                 location: str, actor: str | None = None) -> None:
         self.db = db
         self.t = Tables(db)
-        self.tensor_dir = tensor_dir
+        self.blobs = open_blobs(tensors)
+        # the tensor directory on this host; None when the tensors are in object storage
+        self.tensor_dir: Path | None = self.blobs.root if isinstance(self.blobs, LocalBlobs) else None
         self.lock_dir = lock_dir
         self.location = location
         self.actor = actor or default_actor()
@@ -140,12 +145,13 @@ class Store:
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path_or_url: str | os.PathLike | None = None, tensor_dir: str | os.PathLike | None = None,
+    def open(cls, path_or_url: str | os.PathLike | None = None, tensor_dir: "str | os.PathLike | Blobs | None" = None,
              actor: str | None = None) -> "Store":
         """A store directory (SQLite ledger inside) or a database URL (`postgresql://...`).
 
         Defaults: `$MEMOIR_STORE`, else `./memoir-store`; tensors in `$MEMOIR_TENSORS`, else
-        `<store>/tensors` (a database URL needs a tensor directory given explicitly)."""
+        `<store>/tensors` (a database URL needs a tensor location given explicitly). A tensor
+        location is a directory or `s3://bucket/prefix` (store/blobs.py)."""
         target = str(path_or_url or os.environ.get("MEMOIR_STORE") or DEFAULT_STORE)
         tensor_dir = tensor_dir or os.environ.get("MEMOIR_TENSORS") or None
         if "://" in target:
@@ -172,7 +178,12 @@ class Store:
             db.open()  # waits (bounded) for a database that is restarting
         else:
             db.connect(reuse_if_open=True)
-        return cls(db, private_dir(tensor_dir), lock_dir, location, actor)
+        try:
+            blobs = open_blobs(tensor_dir)
+        except BaseException:
+            db.close()
+            raise
+        return cls(db, blobs, lock_dir, location, actor)
 
     def close(self) -> None:
         for lock in list(self._locks.values()):
@@ -188,7 +199,7 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Store({self.location!r}, tensors={str(self.tensor_dir)!r})"
+        return f"Store({self.location!r}, tensors={self.blobs.location!r})"
 
     # -- writer lock ---------------------------------------------------------------------------
     def writer_lock(self, name: str, wait: float = 0.0) -> WriterLock:
@@ -231,7 +242,7 @@ class Store:
         if not tensors.is_empty(state):
             raise StoreError("a new memory must be empty: its edits enter the store through the ledger")
         data = tensors.state_bytes(state)
-        state_file, sha = write_content_addressed(self.tensor_dir, f"{name}/memory", data)
+        state_file, sha = put_content_addressed(self.blobs, f"{name}/memory", data)
         config = state.config
         with self.db.atomic():
             self._fence(name)
@@ -360,7 +371,7 @@ class Store:
         from store import tensors
 
         data = tensors.delta_bytes(delta, {"memory": name, "edit_id": row.id, "request_id": row.request_id})
-        path, sha = write_content_addressed(self.tensor_dir, f"{name}/deltas", data)
+        path, sha = put_content_addressed(self.blobs, f"{name}/deltas", data)
         return path, sha, len(data), "factored" if delta.is_factored else "dense"
 
     def _result_fields(self, memory: Any, result: "EditResult", delta_file: str, sha: str, size: int,
@@ -592,11 +603,29 @@ class Store:
                 for r in rows]
 
     def path(self, relative: str) -> Path:
-        """Absolute path of a tensor file recorded in the ledger."""
-        return self.tensor_dir / relative
+        """Absolute path of a tensor file recorded in the ledger (a store whose tensors are in a
+        directory; object storage has no path: use `read_tensor`)."""
+        path = self.blobs.local_path(relative)
+        if path is None:
+            raise StoreError(f"the tensors of {self.location} are in {self.blobs.location}, not in a directory")
+        return path
+
+    def delta_key(self, name: str, sha256: str) -> str:
+        """The key of the delta file with this hash (deltas are content-addressed)."""
+        return f"{name}/deltas/{sha256}.safetensors"
 
     def delta_path(self, name: str, sha256: str) -> Path:
-        return self.tensor_dir / name / "deltas" / f"{sha256}.safetensors"
+        return self.path(self.delta_key(name, sha256))
+
+    def read_tensor(self, key: str, sha256: str) -> bytes:
+        """A tensor file recorded in the ledger, checked against its recorded sha256
+        (CorruptFileError when missing, unreadable or different)."""
+        return read_verified(self.blobs, key, sha256)
+
+    def write_tensor(self, folder: str, data: bytes, prefix: str = "") -> tuple[str, str]:
+        """Store `data` content-addressed under `folder` (complete and verified on return);
+        returns (key, sha256) for the ledger row to name."""
+        return put_content_addressed(self.blobs, folder, data, prefix)
 
     # -- tensors -------------------------------------------------------------------------------
     def load_delta(self, edit: EditRecord | int) -> "EditDelta":
@@ -606,7 +635,7 @@ class Store:
         record = edit if isinstance(edit, EditRecord) else self.edit(edit)
         if record.delta_file is None or record.delta_sha256 is None:
             raise StoreError(f"edit {record.id} ({record.status}) has no delta")
-        return tensors.delta_from_bytes(tensors.read_checked(self.path(record.delta_file), record.delta_sha256))
+        return tensors.delta_from_bytes(self.read_tensor(record.delta_file, record.delta_sha256))
 
     def checkpoint_members(self, checkpoint: CheckpointRecord, loaded: dict[str, Any] | None = None) -> dict[int, str]:
         """{edit id: delta sha256} of the edits a checkpoint holds (from its file, or from its row
@@ -614,9 +643,7 @@ class Store:
         if loaded is None and checkpoint.members is None:
             from safetensors.numpy import load as load_arrays
 
-            from store.tensors import read_checked
-
-            loaded = load_arrays(read_checked(self.path(checkpoint.file), checkpoint.sha256))
+            loaded = load_arrays(self.read_tensor(checkpoint.file, checkpoint.sha256))
         return ckpts.held(loaded or {}, checkpoint.members)
 
     def base_checkpoint(self, name: str, before_version: int | None = None
@@ -630,7 +657,7 @@ class Store:
             if before_version is not None and checkpoint.version >= before_version:
                 continue
             try:
-                data = tensors.read_checked(self.path(checkpoint.file), checkpoint.sha256)
+                data = self.read_tensor(checkpoint.file, checkpoint.sha256)
             except tensors.CorruptFileError as exc:
                 if not isinstance(exc.__cause__, FileNotFoundError):
                     raise
@@ -660,8 +687,8 @@ class Store:
         subtract, add = ckpts.plan(self.checkpoint_members(checkpoint, loaded) if checkpoint else {}, edits)
         return tensors.rebuild_weight(
             (memory.hidden_size, memory.intermediate_size), loaded,
-            (tensors.read_checked(self.delta_path(name, sha), sha) for sha in subtract),
-            (tensors.read_checked(self.path(e.delta_file), e.delta_sha256) for e in add))
+            (self.read_tensor(self.delta_key(name, sha), sha) for sha in subtract),
+            (self.read_tensor(e.delta_file, e.delta_sha256) for e in add))
 
     def load_state(self, name: str, expect: "ModelIdentity | None" = None) -> "MemoryState":
         """The memory as it stands: newest checkpoint + later deltas; masks of the applied edits
@@ -672,7 +699,7 @@ class Store:
             memory = self.get_memory(name)
             applied = self.applied(name)
             weight = self.weight_of(name, applied)
-        fixed = tensors.read_checked(self.path(memory.state_file), memory.state_sha256)
+        fixed = self.read_tensor(memory.state_file, memory.state_sha256)
         return tensors.build_state(memory.metadata, fixed, weight, {e.id: e.mask for e in applied}, expect)
 
     def checkpoint_due(self, name: str) -> bool:
@@ -696,7 +723,7 @@ class Store:
         held = [(i, bytes(mask), sha) for i, mask, sha in Edit.select(Edit.id, Edit.mask, Edit.delta_sha256).where(
             (Edit.memory == memory.id) & (Edit.status == APPLIED)).tuples()]
         data = tensors.checkpoint_bytes(weight, held, memory.intermediate_size, memory.top_k, memory.version)
-        path, sha = write_content_addressed(self.tensor_dir, f"{name}/checkpoints", data,
+        path, sha = put_content_addressed(self.blobs, f"{name}/checkpoints", data,
                                             prefix=f"v{memory.version:08d}-")
         with self.db.atomic():
             row = self._memory_row(name)
@@ -723,7 +750,7 @@ class Store:
                 self._event(memory, None, "checkpoints_pruned", None, {
                     "removed": [c.version for c in removed], "kept": [c.version for c in kept]})
         for file in {c.file for c in removed} - {c.file for c in kept}:
-            self.path(file).unlink(missing_ok=True)
+            self.blobs.delete(file)
         return removed
 
     def verify(self, name: str | None = None, live: "MemoryState | None" = None,

@@ -18,11 +18,8 @@ from memoir.delta import EditDelta
 from memoir.state import MemoryMismatchError, MemoryState, ModelIdentity
 from store.checkpoints import MEMBERS
 from store.files import sha256_bytes
+from store.blobs import CorruptFileError
 from store.records import StoreError
-
-
-class CorruptFileError(StoreError):
-    """A tensor file is missing or does not match the hash the ledger recorded for it."""
 
 
 def read_checked(path: Path, sha256: str) -> bytes:

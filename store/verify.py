@@ -43,7 +43,7 @@ class _Files:
             return None
         problem = None
         try:
-            data = self.store.path(relative).read_bytes()
+            data = self.store.blobs.get(relative)
         except OSError as exc:
             problem = f"file {relative} is missing ({exc.strerror or exc})"
         else:
@@ -145,8 +145,7 @@ def _verify_memory(store: "Store", memory: Any, live: "MemoryState | None", repo
         except StoreError as exc:
             errors.append(f"{prefix}checkpoint v{ckpt.version}: {exc}")
             tensors = None
-        referenced.update(store.delta_path(name, sha).relative_to(store.tensor_dir).as_posix()
-                          for sha in (members or {}).values())
+        referenced.update(store.delta_key(name, sha) for sha in (members or {}).values())
     rebuilt = None
     if checkpoints and tensors is not None:  # without one, loading sums the deltas from zero: the total
         rebuilt = _rebuild(store, name, files, checkpoints[-1], tensors, members, edits, applied, shape, prefix,
@@ -229,7 +228,7 @@ def _rebuild(store: "Store", name: str, files: _Files, newest: Any, tensors: dic
         if edit is not None and edit.delta_sha256 == sha and edit.mask is not None:
             held = tuple(edit.mask)
         else:  # replayed since: its old delta file has the mask
-            delta = files.load(store.delta_path(name, sha).relative_to(store.tensor_dir).as_posix(), sha,
+            delta = files.load(store.delta_key(name, sha), sha,
                                f"delta of edit {edit_id} in checkpoint v{newest.version}") if sha else None
             held = tuple(int(c) for c in delta["mask"].tolist()) if delta is not None else mask
         if held != mask:
@@ -238,8 +237,7 @@ def _rebuild(store: "Store", name: str, files: _Files, newest: Any, tensors: dic
         errors.append(f"{prefix}checkpoint v{newest.version}: the masks of edits {sorted(wrong)} differ from their deltas'")
     subtract, add = ckpts.plan(members, applied)
     for sha in subtract:
-        relative = store.delta_path(name, sha).relative_to(store.tensor_dir).as_posix()
-        delta = files.load(relative, sha, f"delta {sha[:12]}… held by checkpoint v{newest.version}")
+        delta = files.load(store.delta_key(name, sha), sha, f"delta {sha[:12]}… held by checkpoint v{newest.version}")
         if delta is None:
             return None
         weight[:, delta["mask"].astype(np.int64)] -= _dense(delta)
@@ -268,12 +266,9 @@ def _check_live(live: "MemoryState", total: np.ndarray, ledger_masks: dict[int, 
 
 def _orphans(store: "Store", name: str, referenced: set[str], prefix: str, warnings: list[str]) -> None:
     for sub in ("deltas", "checkpoints", "memory"):
-        directory = store.tensor_dir / name / sub
-        if not directory.is_dir():
-            continue
-        for path in sorted(directory.iterdir()):
-            relative = path.relative_to(store.tensor_dir).as_posix()
-            if path.name.endswith(TMP_SUFFIX):
+        for blob in store.blobs.list(f"{name}/{sub}/"):
+            relative = blob.key
+            if relative.endswith(TMP_SUFFIX):
                 warnings.append(f"{prefix}leftover temp file {relative} (an interrupted write)")
             elif sub != "memory" and relative not in referenced:
                 warnings.append(f"{prefix}orphan file {relative}: no ledger row uses it "

@@ -112,13 +112,11 @@ def _resume_replay(store: Store, name: str, job: str) -> _ReplayState | None:
     """The state saved at the end of the job's last chunk, or None when it has not started."""
     from safetensors.torch import load as load_bytes
 
-    from store import tensors
-
     found = [e for e in store.events(name=name, kinds=[REPLAY_PROGRESS]) if e.detail.get("job") == job]
     if not found:
         return None
     d = found[-1].detail
-    weight = load_bytes(tensors.read_checked(store.path(d["file"]), d["sha256"]))["weight"]
+    weight = load_bytes(store.read_tensor(d["file"], d["sha256"]))["weight"]
     return _ReplayState(job, d["mode"], d["from_seq"], d["edits"], d["rebuilt"], d["cursor"], weight,
                         d["diverged"], d["mask_mismatches"], d["seconds"])
 
@@ -127,12 +125,10 @@ def _save_replay(store: Store, name: str, state: _ReplayState) -> None:
     """A chunk boundary: W_m so far in a scratch file, the cursor in a `replay_progress` event."""
     from safetensors.torch import save as save_bytes
 
-    from store.files import write_content_addressed
-
     data = save_bytes({"weight": state.weight.detach().cpu().contiguous()})
     # The file's name is this worker's own (never the job's, which a message names): a fresh id
     # and the content's hash; the ledger's progress event is what leads to it.
-    path, sha = write_content_addressed(store.tensor_dir, f"{name}/jobs", data, prefix=f"replay-{uuid.uuid4().hex}-")
+    path, sha = store.write_tensor(f"{name}/jobs", data, prefix=f"replay-{uuid.uuid4().hex}-")
     detail = {k: v for k, v in asdict(state).items() if k != "weight"}
     store.log_event(name, REPLAY_PROGRESS, None, {**detail, "file": path, "sha256": sha})
 
@@ -141,7 +137,7 @@ def _drop_scratch(store: Store, name: str, job: str) -> None:
     """Delete the scratch files of a finished job: those its progress events recorded."""
     for event in store.events(name=name, kinds=[REPLAY_PROGRESS]):
         if event.detail.get("job") == job and isinstance(event.detail.get("file"), str):
-            store.path(event.detail["file"]).unlink(missing_ok=True)
+            store.blobs.delete(event.detail["file"])
 
 
 def replay(store: Store, name: str, from_seq: int = 1, mode: str = "retrain", editor: Editor | None = None,
