@@ -14,7 +14,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -382,31 +382,59 @@ def record_to_request(record: Mapping[str, Any]) -> dict[str, Any]:
     return request
 
 
-def read_edit_file(path: str | os.PathLike, *, name: str | None = None,
-                   max_chars: int | None = None) -> Iterator[EditRequest]:
-    """Validated requests from a JSONL file, one per non-blank line.
+@dataclass(frozen=True)
+class EditLine:
+    """One non-blank line of an edit file: its number and either the request or why not."""
 
-    Errors name the line: `RequestError("line 7: prompt", ...)`. `name` fills requests that
-    give none. The whole file should be read (e.g. `list(...)`) before anything is sent.
-    """
+    number: int
+    request: EditRequest | None = None
+    error: RequestError | None = None
+
+
+def scan_edit_file(path: str | os.PathLike, *, name: str | None = None, max_chars: int | None = None,
+                   default_id: Callable[[EditRequest], str] | None = None) -> Iterator[EditLine]:
+    """The one reader of edit files (`memoir submit --file`, `memoir apply`): each non-blank line
+    of a JSONL file, mapped by `record_to_request` and checked by `validate_edit`, as an
+    `EditLine` holding the request or the `RequestError` (its field names the line:
+    `"line 7: prompt"`). `name` fills lines that name no memory; `default_id(request)` gives the
+    id of a line without one (else a uuid4). Each line is decoded on its own, so one line of
+    invalid UTF-8 spoils that line only."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             where = f"line {number}"
             try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise RequestError(where, f"is not valid UTF-8 (byte {exc.start})") from None
-            except json.JSONDecodeError as exc:
-                raise RequestError(where, f"is not JSON ({exc.msg})") from None
-            try:
-                request = record_to_request(record)
-                if name is not None and request.get("name") is None:
-                    request["name"] = name
-                yield validate_edit(request, max_chars=max_chars)
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    raise RequestError(where, f"is not valid UTF-8 (byte {exc.start})") from None
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    raise RequestError(where, f"is not JSON ({getattr(exc, 'msg', 'nested too deeply')})") from None
+                try:
+                    request = record_to_request(record)
+                    if name is not None and request.get("name") is None:
+                        request["name"] = name
+                    given_id = request.get("request_id") is not None
+                    checked = validate_edit(request, max_chars=max_chars)
+                except RequestError as exc:
+                    raise RequestError(f"{where}: {exc.field}", exc.message) from None
+                if default_id is not None and not given_id:
+                    checked = checked.model_copy(update={"request_id": default_id(checked)})
+                yield EditLine(number, request=checked)
             except RequestError as exc:
-                raise RequestError(f"{where}: {exc.field}", exc.message) from None
+                yield EditLine(number, error=exc)
+
+
+def read_edit_file(path: str | os.PathLike, *, name: str | None = None,
+                   max_chars: int | None = None) -> Iterator[EditRequest]:
+    """Validated requests from a JSONL file, one per non-blank line; the first bad line raises
+    (`RequestError("line 7: prompt", ...)`). `name` fills requests that give none. The whole
+    file should be read (e.g. `list(...)`) before anything is sent."""
+    for line in scan_edit_file(path, name=name, max_chars=max_chars):
+        if line.error is not None:
+            raise line.error
+        yield line.request  # type: ignore[misc]
 
 
 def check_unique_ids(requests: Iterable[EditRequest]) -> None:
@@ -482,8 +510,8 @@ def validate_replay(*, from_seq: object = 1, mode: object = "retrain", name: obj
 
 
 __all__ = [
-    "DEFAULT_NAME", "EditRequest", "REPLAY_MODES", "ReplayRequest", "RequestError", "RollbackRequest", "SAME_PROMPT",
+    "DEFAULT_NAME", "EditLine", "EditRequest", "REPLAY_MODES", "ReplayRequest", "RequestError", "RollbackRequest", "SAME_PROMPT",
     "check_bounds", "check_name", "edit_request_json_schema", "request_error", "check_replaces", "check_request_id", "check_text", "check_unique_ids", "json_depth",
-    "max_chars_default", "new_request_id", "read_edit_file", "record_to_request", "validate_edit",
+    "max_chars_default", "new_request_id", "read_edit_file", "scan_edit_file", "record_to_request", "validate_edit",
     "validate_replay", "validate_rollback",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -12,70 +11,37 @@ from typing import Any
 import click
 
 from pipeline.cli import emit_json, fail
-from pipeline.schema import RequestError, check_replaces
+from pipeline.schema import EditRequest, scan_edit_file
 from pipeline.store_commands import keep_checkpoints_option
-from pipeline.model_options import model_option, module_path_option
+from workers.model_options import model_option, module_path_option
 
 log = logging.getLogger(__name__)
 
 STORE_HELP = "store directory or database URL (default: $MEMOIR_STORE, else ./memoir-store)"
 
 
-def request_from_record(record: Any) -> dict[str, Any]:
-    """One JSONL record as an edit request: a zsRE record (prompt = src, target = alt,
-    rephrases = [rephrase], subject/loc kept as metadata) or {"prompt", "target", ...}. Either
-    may carry `replaces` (an edit id, a request id or "same-prompt"; see pipeline.schema)."""
-    if not isinstance(record, dict):
-        raise ValueError("a line must hold a JSON object")
-    if "src" in record and "alt" in record:
-        metadata = {k: record[k] for k in ("subject", "loc", "loc_ans") if k in record}
-        rephrase = record.get("rephrase")
-        request = {"prompt": record["src"], "target": record["alt"], "rephrases": [rephrase] if rephrase else [],
-                   "metadata": metadata}
-    elif "prompt" in record and "target" in record:
-        rephrases = record.get("rephrases", [])
-        request = {"prompt": record["prompt"], "target": record["target"],
-                   "rephrases": [rephrases] if isinstance(rephrases, str) else rephrases,
-                   "metadata": record.get("metadata") or {}}
-    else:
-        raise ValueError('expected a zsRE record ("src", "alt") or {"prompt", "target"}')
-    request_id = record.get("request_id", record.get("id"))
-    if request_id is not None:
-        request["request_id"] = str(request_id)
-    if record.get("replaces") is not None:
-        try:
-            request["replaces"] = check_replaces(record["replaces"])
-        except RequestError as exc:
-            raise ValueError(str(exc)) from None
-    for field in ("prompt", "target"):
-        if not isinstance(request[field], str) or not request[field].strip():
-            raise ValueError(f"{field} must be non-empty text")
-    return request
-
-
-def read_requests(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """(requests, problems): each line that is not a usable request is reported, not fatal."""
+def read_requests(path: Path, name: str = "default") -> tuple[list[dict[str, Any]], list[str]]:
+    """(requests, problems) of an edit file, read by the producer's reader
+    (`pipeline.schema.scan_edit_file`: the same mapping and checks as `memoir submit --file`):
+    each line that is not a valid request is reported ("line N: field: why"), not fatal. A line
+    without an id gets one from its content (`apply-<sha256>`), so applying a file twice applies
+    each edit once; a line naming another memory than `name` is a problem."""
     requests, problems = [], []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    requests.append(request_from_record(json.loads(line)))
-                except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                    problems.append(f"line {number}: {exc}")
-        except UnicodeDecodeError as exc:
-            problems.append(f"after line {len(requests) + len(problems)}: not UTF-8 text ({exc.reason})")
+    for line in scan_edit_file(path, name=name, default_id=lambda r: _request_id(name, r)):
+        if line.error is not None:
+            problems.append(str(line.error))
+        elif line.request.name != name:
+            problems.append(f"line {line.number}: name: is {line.request.name!r}; this command applies memory {name!r}")
+        else:
+            requests.append(line.request.to_message())
     return requests, problems
 
 
-def _request_id(name: str, request: dict[str, Any]) -> str:
+def _request_id(name: str, request: EditRequest) -> str:
     """A line without an id gets one from its content: applying the same file again skips it."""
     from store.records import payload_hash
 
-    digest = payload_hash(name, request["prompt"], request["target"], list(request["rephrases"]),
-                          request["metadata"])
+    digest = payload_hash(name, request.prompt, request.target, list(request.rephrases), request.metadata)
     return f"apply-{digest[:32]}"
 
 
@@ -127,7 +93,7 @@ def apply(model: str, store_path: str | None, name: str, device: str, dtype: str
 
     from workers.supersede import apply_superseding
 
-    requests, problems = read_requests(file)
+    requests, problems = read_requests(file, name)
     for problem in problems:
         click.echo(f"skipped {problem}", err=True)
     runtime = _open_runtime(model=model, store=store_path, name=name, layer=layer, top_k=top_k, device=device,
@@ -141,7 +107,6 @@ def apply(model: str, store_path: str | None, name: str, device: str, dtype: str
         for outcome in runtime.resume():
             click.echo(f"resumed edit {outcome['edit_id']}: {outcome['status']}", err=True)
         for request in tqdm(requests, desc="edits", unit="edit", disable=None):
-            request.setdefault("request_id", _request_id(name, request))
             outcome = apply_superseding(runtime, request)
             if outcome["edit_id"] is not None:
                 ids.append(outcome["edit_id"])
