@@ -29,7 +29,7 @@ from memoir.prompts import (
     make_batch,
 )
 from memoir.state import MemoryMismatchError, MemoryState, ModelIdentity
-from memoir.tophash import dense_masks, fit_threshold, make_permutation
+from memoir.tophash import PackedMasks, dense_masks, fit_threshold, make_permutation
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,12 @@ class Editor:
                                 state.config.threshold, state.permutation, state.background)
         attach(model, memory)
         memory.weight.copy_(state.weight)
-        for edit_id, mask in sorted(state.masks.items()):
-            memory.index.add(edit_id, mask)
+        ids = sorted(state.masks)
+        if isinstance(state.masks, PackedMasks):  # packed already (a loaded memory): no unpacking
+            memory.index.add_many(ids, state.masks.words_of(ids))
+        else:
+            for edit_id in ids:
+                memory.index.add(edit_id, state.masks[edit_id])
         return cls(model, tokenizer, memory, state, fast=fast)
 
     def state(self, with_weight: bool = True) -> MemoryState:
@@ -338,7 +342,7 @@ class Editor:
         self.memory.last = None
 
     def next_edit_id(self) -> int:
-        ids = self.memory.index.masks()
+        ids = self.memory.index.edit_ids()
         return max(ids) + 1 if ids else 0
 
     # -- scoring and generation ------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from memoir.locate import ProjectionSite
-from memoir.tophash import MaskIndex, dense_masks, prompt_features, topk_columns
+from memoir.tophash import MaskIndex, prompt_features, topk_columns
 
 
 @dataclass
@@ -131,13 +131,12 @@ class ResidualMemory(nn.Module):
     def decide(self, acts: torch.Tensor, prompt_mask: torch.Tensor | None) -> Retrieval:
         if prompt_mask is not None and prompt_mask.shape != acts.shape[:2]:
             prompt_mask = None  # a mask for another input (e.g. no hook saw this call): use every position
-        query = dense_masks(self.columns_for(acts, prompt_mask), self.site.in_features)
-        rows, ratios = self.index.best(query.to(self.index.device))
+        rows, ratios = self.index.best_columns(self.columns_for(acts, prompt_mask))
         rows = torch.where(ratios >= self.threshold, rows, torch.full_like(rows, -1))
         on = (rows >= 0).nonzero().flatten()
-        on_masks = self.index.matrix[rows[on]].to(query.device)
-        masks = torch.zeros_like(query).index_copy_(0, on, on_masks)
-        return Retrieval(rows=rows, ratios=ratios, masks=masks, on=on, on_masks=on_masks)
+        on_masks = self.index.dense_rows(rows[on]).to(acts.device)  # only the retrieved masks, unpacked
+        masks = torch.zeros(acts.shape[0], self.site.in_features, device=acts.device).index_copy_(0, on.to(acts.device), on_masks)
+        return Retrieval(rows=rows, ratios=ratios, masks=masks, on=on.to(acts.device), on_masks=on_masks)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,12 +10,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from memoir.config import MemoirConfig
+from memoir.tophash import PackedMasks
 
 FORMAT_VERSION = 1
 
@@ -54,7 +55,7 @@ class MemoryState:
     background_prompts: list[str]
     prepend_bos: bool
     weight: torch.Tensor
-    masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    masks: Mapping[int, torch.Tensor] = field(default_factory=dict)  # edit id -> sorted columns (a dict, or PackedMasks)
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -73,11 +74,19 @@ class MemoryState:
             "permutation": self.permutation.to(torch.int64).contiguous(),
             "background": self.background.float().contiguous(),
             "mask_edit_ids": torch.tensor(ids, dtype=torch.int64),
-            "masks": torch.stack([self.masks[i].to(torch.int32) for i in ids]) if ids else torch.zeros(0, k, dtype=torch.int32),
+            "masks": self._mask_columns(ids, k),
         }
         if with_weight:
             out["weight"] = self.weight.float().contiguous()
         return out
+
+    def _mask_columns(self, ids: list[int], k: int) -> torch.Tensor:
+        """(n, k) int32: the saved form of the masks, whichever way they are held in memory."""
+        if not ids:
+            return torch.zeros(0, k, dtype=torch.int32)
+        if isinstance(self.masks, PackedMasks):
+            return self.masks.columns(ids, k)
+        return torch.stack([self.masks[i].to(torch.int32) for i in ids])
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write atomically: a crash leaves the previous save, never a half-written one."""
@@ -92,13 +101,16 @@ class MemoryState:
         return directory
 
     @classmethod
-    def from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "MemoryState":
+    def from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   masks: PackedMasks | None = None) -> "MemoryState":
+        """From `memory.json`'s fields and the tensors; `masks` (packed already, e.g. from the
+        ledger's bitmaps) stands in for the tensors `mask_edit_ids` and `masks`."""
         if meta.get("format_version") != FORMAT_VERSION:
             raise MemoryMismatchError(f"memory format {meta.get('format_version')} is not {FORMAT_VERSION}")
         config = MemoirConfig.from_dict(meta["config"])
-        ids = tensors["mask_edit_ids"].tolist()
-        masks = {int(i): tensors["masks"][n].to(torch.long) for n, i in enumerate(ids)}
         d, size = meta["model"]["hidden_size"], meta["model"]["intermediate_size"]
+        if masks is None:
+            masks = PackedMasks.from_columns(tensors["mask_edit_ids"].tolist(), tensors["masks"], size)
         weight = tensors.get("weight", torch.zeros(d, size))
         return cls(
             config=config,

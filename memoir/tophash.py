@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+from collections.abc import Mapping, MutableMapping
 from statistics import NormalDist
+from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 
@@ -66,32 +71,186 @@ def fit_threshold(masks: torch.Tensor, k: int, capacity: int, false_retrievals: 
             "false_retrievals": false_retrievals, "z": round(z, 3)}
 
 
-class MaskIndex:
-    """Each distinct stored mask once, as a row of one packed 0/1 matrix, with the live edits using it.
+WORD_BITS = 64
 
-    Overlap of a batch of masks with every stored mask is one matrix product. The rows live in a
-    buffer that doubles when full, so adding a mask is amortised O(size). Removing an edit drops
-    its mask only when no other live edit uses the same one; later rows move up one, so the rows
-    stay in insertion order (ties in `best` go to the earliest stored mask).
+
+def word_count(size: int) -> int:
+    """int64 words holding one D-bit mask."""
+    return (size + WORD_BITS - 1) // WORD_BITS
+
+
+def pack_columns(columns: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, k) column indices → (B, W) int64 words on the CPU: bit c of a row is bit c % 64 of word c // 64.
+
+    The same bits, byte for byte on a little-endian machine, as the ledger's D-bit little-endian
+    bitmaps (store.records.encode_mask) padded to whole words."""
+    columns = columns.detach().to("cpu", torch.long)
+    bits = np.zeros((columns.shape[0], word_count(size) * WORD_BITS), dtype=np.bool_)
+    np.put_along_axis(bits, columns.numpy(), True, axis=1)
+    return torch.from_numpy(np.packbits(bits, axis=1, bitorder="little").view(np.int64))
+
+
+def pack_bitmaps(bitmaps: Sequence[bytes], size: int) -> torch.Tensor:
+    """D-bit little-endian bitmaps (the ledger's mask column) → (n, W) int64 words."""
+    width = word_count(size) * 8
+    out = np.zeros((len(bitmaps), width), dtype=np.uint8)
+    for row, bitmap in enumerate(bitmaps):
+        if len(bitmap) != (size + 7) // 8:
+            raise ValueError(f"a {size}-column mask bitmap has {(size + 7) // 8} bytes, got {len(bitmap)}")
+        out[row, : len(bitmap)] = np.frombuffer(bitmap, dtype=np.uint8)
+    return torch.from_numpy(out.view(np.int64))
+
+
+def unpack(words: torch.Tensor, size: int) -> torch.Tensor:
+    """(m, W) int64 words → (m, size) bool rows, on the words' device."""
+    if words.device.type == "cpu":
+        raw = np.ascontiguousarray(words.numpy()).view(np.uint8)
+        return torch.from_numpy(np.unpackbits(raw, axis=1, count=size, bitorder="little").view(np.bool_))
+    shifts = torch.arange(WORD_BITS, device=words.device)
+    return ((words.unsqueeze(-1) >> shifts) & 1).bool().reshape(words.shape[0], -1)[:, :size]
+
+
+def _popcount(words: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int64 word, with tensor ops only (any device): per-byte counts, then summed."""
+    m1, m2, m4 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F
+    x = words - ((words >> 1) & m1)
+    x = (x & m2) + ((x >> 2) & m2)
+    x = (x + (x >> 4)) & m4  # each byte holds its own count (<= 8)
+    return x.contiguous().view(torch.uint8).reshape(*x.shape, 8).sum(-1, dtype=torch.int32)
+
+
+class PackedMasks(MutableMapping):
+    """Edit id → its mask's sorted columns (k,), kept as packed D-bit rows: (n, W) int64, D/8 bytes a mask.
+
+    A mapping, as MemoryState.masks was a dict of column tensors; a mask's columns are unpacked
+    when asked for, and packed when set. `from_bitmaps` takes the ledger's bitmaps as they are."""
+
+    def __init__(self, ids: Sequence[int], words: torch.Tensor, size: int) -> None:
+        self.ids = [int(i) for i in ids]
+        self.words = words.detach().to("cpu", torch.int64).contiguous()
+        self.size = size
+        if self.words.shape != (len(self.ids), word_count(size)):
+            raise ValueError(f"{len(self.ids)} masks of {size} columns need ({len(self.ids)}, {word_count(size)}) "
+                             f"words, got {tuple(self.words.shape)}")
+        self._row = {edit: row for row, edit in enumerate(self.ids)}
+        if len(self._row) != len(self.ids):
+            raise ValueError("an edit id appears twice among the masks")
+
+    @classmethod
+    def from_columns(cls, ids: Sequence[int], columns: torch.Tensor, size: int) -> "PackedMasks":
+        """From (n, k) column indices (each row k distinct columns of 0..size-1)."""
+        if not len(ids):
+            return cls([], torch.zeros(0, word_count(size), dtype=torch.int64), size)
+        columns = columns.reshape(len(ids), -1).to(torch.long)
+        if columns.numel() and (int(columns.min()) < 0 or int(columns.max()) >= size):
+            raise ValueError(f"mask columns must lie in 0..{size - 1}")
+        packed = pack_columns(columns, size)
+        counts = np.bitwise_count(packed.numpy().view(np.uint64)).sum(1)
+        if columns.numel() and not bool((counts == columns.shape[1]).all()):
+            raise ValueError("a mask lists the same column twice")
+        return cls(ids, packed, size)
+
+    @classmethod
+    def from_bitmaps(cls, bitmaps: Mapping[int, bytes], size: int) -> "PackedMasks":
+        ids = list(bitmaps)
+        return cls(ids, pack_bitmaps([bitmaps[i] for i in ids], size), size)
+
+    def __getitem__(self, edit_id: int) -> torch.Tensor:
+        row = self._row[int(edit_id)]
+        return unpack(self.words[row : row + 1], self.size)[0].nonzero().flatten()
+
+    def __setitem__(self, edit_id: int, columns: torch.Tensor) -> None:
+        words = pack_columns(torch.as_tensor(columns).reshape(1, -1), self.size)
+        row = self._row.get(int(edit_id))
+        if row is None:
+            self._row[int(edit_id)] = len(self.ids)
+            self.ids.append(int(edit_id))
+            self.words = torch.cat([self.words, words])
+        else:
+            self.words[row] = words[0]
+
+    def __delitem__(self, edit_id: int) -> None:
+        row = self._row.pop(int(edit_id))
+        del self.ids[row]
+        self.words = torch.cat([self.words[:row], self.words[row + 1 :]])
+        self._row = {edit: n for n, edit in enumerate(self.ids)}
+
+    def clear(self) -> None:
+        self.ids, self._row = [], {}
+        self.words = torch.zeros(0, word_count(self.size), dtype=torch.int64)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def words_of(self, ids: Sequence[int]) -> torch.Tensor:
+        """(len(ids), W) packed masks of `ids`."""
+        return self.words[torch.tensor([self._row[int(i)] for i in ids], dtype=torch.long)]
+
+    def columns(self, ids: Sequence[int], k: int, chunk: int = 1024) -> torch.Tensor:
+        """(len(ids), k) int32 columns of the masks of `ids`, unpacked a chunk at a time."""
+        out = torch.zeros(len(ids), k, dtype=torch.int32)
+        rows = torch.tensor([self._row[int(i)] for i in ids], dtype=torch.long)
+        for start in range(0, len(ids), chunk):
+            dense = unpack(self.words[rows[start : start + chunk]], self.size)
+            cols = dense.nonzero()[:, 1]
+            if cols.numel() != dense.shape[0] * k:
+                raise ValueError(f"a mask does not have {k} columns")
+            out[start : start + chunk] = cols.view(-1, k).to(torch.int32)
+        return out
+
+
+class MaskIndex:
+    """Each distinct stored mask once, packed as D bits (D/8 bytes), with the live edits using it.
+
+    The masks are the columns of one (W, capacity) int64 matrix (W = ⌈D/64⌉ words a mask), so the
+    overlap of a query with every stored mask is, word by word, an AND and a population count
+    along contiguous rows: |m ∩ m_e| exactly, without ever forming dense (n, D) rows. The matrix
+    grows geometrically (×1.25), so adding a mask is amortised O(W); `add_many` fills it in one go.
+    Removing an edit drops its mask only when no other live edit uses the same one; later masks
+    move up one, so they stay in insertion order (ties in `best` go to the earliest stored mask).
+    A mask is found again by a 128-bit digest of its words.
     """
+
+    GROWTH = 1.25
+    _CHUNK = 16  # words per pass of the CPU overlap: (16, n) scratch rows stay in cache
 
     def __init__(self, size: int, k: int, device: torch.device | str = "cpu") -> None:
         self.size, self.k = size, k
+        self.words = word_count(size)
         self.device = torch.device(device)
-        self._buffer = torch.zeros(0, size, dtype=torch.float32, device=self.device)
-        self._keys: list[tuple[int, ...]] = []
-        self._row_of_key: dict[tuple[int, ...], int] = {}
+        self._bits = torch.zeros(self.words, 0, dtype=torch.int64, device=self.device)
+        self._digests: list[bytes] = []
+        self._row_of_key: dict[bytes, int] = {}
         self._edits: list[set[int]] = []
         self._row_of_edit: dict[int, int] = {}
+        self._scratch = threading.local()
 
     def __len__(self) -> int:
         """Number of distinct masks."""
-        return len(self._keys)
+        return len(self._digests)
+
+    @property
+    def capacity(self) -> int:
+        return self._bits.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed masks (the allocated capacity)."""
+        return self._bits.numel() * self._bits.element_size()
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """The stored masks, (distinct masks × W) int64 words (a copy)."""
+        return self._bits[:, : len(self)].T.contiguous()
 
     @property
     def matrix(self) -> torch.Tensor:
-        """The stored masks, (distinct masks × size) 0/1 fp32: a view of the live rows."""
-        return self._buffer[: len(self._keys)]
+        """The stored masks as (distinct masks × size) 0/1 fp32 rows: O(n·D), for checks and small
+        indexes only; retrieval never forms it."""
+        return self.dense_rows(torch.arange(len(self), device=self.device))
 
     @property
     def edit_count(self) -> int:
@@ -100,50 +259,86 @@ class MaskIndex:
     def __contains__(self, edit_id: int) -> bool:
         return edit_id in self._row_of_edit
 
+    def edit_ids(self) -> list[int]:
+        return list(self._row_of_edit)
+
+    # -- adding and removing ---------------------------------------------------------------------
     def add(self, edit_id: int, columns: torch.Tensor) -> int:
-        if edit_id in self._row_of_edit:
-            raise KeyError(f"edit {edit_id} is already in the index")
-        key = tuple(int(c) for c in columns.flatten().sort().values.tolist())
-        if len(key) != self.k:
-            raise ValueError(f"a mask has {self.k} columns, got {len(key)}")
-        if key[0] < 0 or key[-1] >= self.size:
+        columns = columns.detach().flatten().to("cpu", torch.long)
+        if columns.numel() != self.k:
+            raise ValueError(f"a mask has {self.k} columns, got {columns.numel()}")
+        if int(columns.min()) < 0 or int(columns.max()) >= self.size:
             raise ValueError(f"mask columns must lie in 0..{self.size - 1}")
-        row = self._row_of_key.get(key)
-        if row is None:
-            row = len(self._keys)
-            if row == self._buffer.shape[0]:
-                self._grow(max(16, 2 * row))
-            self._buffer[row].index_fill_(0, torch.tensor(key, device=self.device), 1.0)
-            self._keys.append(key)
-            self._row_of_key[key] = row
+        return self.add_many([edit_id], pack_columns(columns.unsqueeze(0), self.size))[0]
+
+    def add_many(self, edit_ids: Sequence[int], words: torch.Tensor) -> list[int]:
+        """Add edits with their packed masks (n, W) int64, in order (each row k columns of 0..D-1);
+        returns their rows. All or nothing: a bad row leaves the index as it was."""
+        ids = [int(i) for i in edit_ids]
+        words = words.detach().to("cpu", torch.int64).reshape(len(ids), self.words).contiguous()
+        host = words.numpy()
+        if len(set(ids)) != len(ids) or any(i in self._row_of_edit for i in ids):
+            raise KeyError(f"edits {sorted(i for i in ids if i in self._row_of_edit or ids.count(i) > 1)} "
+                           "are already in the index")
+        if len(ids) and not bool((np.bitwise_count(host.view(np.uint64)).sum(1) == self.k).all()):
+            raise ValueError(f"a mask has {self.k} distinct columns")
+        tail = self.size % WORD_BITS
+        if len(ids) and tail and bool((host[:, -1].view(np.uint64) >> np.uint64(tail)).any()):
+            raise ValueError(f"mask columns must lie in 0..{self.size - 1}")
+        new: list[int] = []  # rows of `words` that bring a mask not stored yet
+        pending: dict[bytes, int] = {}
+        rows, digests = [], []
+        for n in range(len(ids)):
+            digest = hashlib.blake2b(host[n].tobytes(), digest_size=16).digest()
+            row = self._row_of_key.get(digest, pending.get(digest))
+            if row is None:
+                row = pending[digest] = len(self) + len(new)
+                new.append(n)
+            digests.append(digest)
+            rows.append(row)
+        count = len(self) + len(new)
+        if count > self.capacity:
+            self._grow(count if len(ids) > 1 else max(16, math.ceil(self.capacity * self.GROWTH), count))
+        if new:
+            self._bits[:, len(self) : count] = words[new].T.to(self.device)
+        for n in new:
+            self._digests.append(digests[n])
+            self._row_of_key[digests[n]] = rows[n]
             self._edits.append(set())
-        self._edits[row].add(edit_id)
-        self._row_of_edit[edit_id] = row
-        return row
+        for edit_id, row in zip(ids, rows):
+            self._edits[row].add(edit_id)
+            self._row_of_edit[edit_id] = row
+        return rows
 
     def _grow(self, capacity: int) -> None:
-        buffer = torch.zeros(capacity, self.size, dtype=torch.float32, device=self.device)
-        buffer[: len(self._keys)] = self.matrix
-        self._buffer = buffer
+        bits = torch.zeros(self.words, capacity, dtype=torch.int64, device=self.device)
+        bits[:, : len(self)] = self._bits[:, : len(self)]
+        self._bits = bits
 
     def remove(self, edit_id: int) -> None:
         row = self._row_of_edit.pop(edit_id)
         self._edits[row].discard(edit_id)
         if self._edits[row]:
             return
-        count = len(self._keys)
-        key = self._keys.pop(row)
-        del self._row_of_key[key]
+        count = len(self)
+        digest = self._digests.pop(row)
+        del self._row_of_key[digest]
         self._edits.pop(row)
-        self._buffer[row : count - 1] = self._buffer[row + 1 : count].clone()
-        self._buffer[count - 1].zero_()
+        self._bits[:, row : count - 1] = self._bits[:, row + 1 : count].clone()
+        self._bits[:, count - 1].zero_()
         for later in range(row, count - 1):
-            self._row_of_key[self._keys[later]] = later
+            self._row_of_key[self._digests[later]] = later
             for edit in self._edits[later]:
                 self._row_of_edit[edit] = later
 
+    # -- reading ---------------------------------------------------------------------------------
     def columns(self, row: int) -> torch.Tensor:
-        return torch.tensor(self._keys[row], dtype=torch.long)
+        return self.dense_rows(torch.tensor([row]))[0].nonzero().flatten().cpu()
+
+    def dense_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(len(rows), size) 0/1 rows of the stored masks `rows`, on the index's device."""
+        rows = rows.to(device=self.device, dtype=torch.long)
+        return unpack(self._bits[:, rows].T.contiguous(), self.size).to(dtype)
 
     def edits(self, row: int) -> set[int]:
         return set(self._edits[row])
@@ -151,24 +346,87 @@ class MaskIndex:
     def row_of(self, edit_id: int) -> int:
         return self._row_of_edit[edit_id]
 
-    def masks(self) -> dict[int, torch.Tensor]:
-        """Every live edit's mask (edit id → sorted columns)."""
-        return {edit: self.columns(row) for edit, row in self._row_of_edit.items()}
+    def masks(self) -> PackedMasks:
+        """Every live edit's mask (edit id → sorted columns), packed: D/8 bytes an edit."""
+        ids = list(self._row_of_edit)
+        rows = torch.tensor([self._row_of_edit[i] for i in ids], dtype=torch.long, device=self.device)
+        return PackedMasks(ids, self._bits[:, rows].T.cpu(), self.size)
 
     def usage(self) -> dict[tuple[int, ...], int]:
         """Each distinct mask with the count of live edits using it."""
-        return {key: len(edits) for key, edits in zip(self._keys, self._edits)}
+        return {tuple(self.columns(row).tolist()): len(edits) for row, edits in enumerate(self._edits)}
 
-    def best(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For (B, size) 0/1 query masks: the best stored row per query and its overlap ratio |m ∩ m_e| / k."""
-        if not self._keys:
-            empty = torch.full((query.shape[0],), -1, dtype=torch.long, device=query.device)
-            return empty, torch.zeros(query.shape[0], device=query.device)
-        overlap = query.to(self._buffer.dtype) @ self.matrix.T
+    # -- retrieval -------------------------------------------------------------------------------
+    def pack(self, columns: torch.Tensor) -> torch.Tensor:
+        """(B, k) query columns → (B, W) words, on the index's device."""
+        return pack_columns(columns, self.size).to(self.device)
+
+    def overlaps(self, query: torch.Tensor) -> torch.Tensor:
+        """|m ∩ m_e| of (B, W) packed query masks with every stored mask: (B, n) int32."""
+        query = query.to(device=self.device, dtype=torch.int64)
+        if self.device.type != "cpu":
+            return self._overlaps_torch(query)
+        return self._overlaps_numpy(query)
+
+    def _overlaps_torch(self, query: torch.Tensor) -> torch.Tensor:
+        """Any device: AND, then a population count in tensor ops, a few words at a time."""
+        count = len(self)
+        out = torch.zeros(query.shape[0], count, dtype=torch.int32, device=self.device)
+        for start in range(0, self.words, self._CHUNK):  # (B, chunk, n) at a time
+            block = query[:, start : start + self._CHUNK, None] & self._bits[None, start : start + self._CHUNK, :count]
+            out += _popcount(block).sum(1, dtype=torch.int32)
+        return out
+
+    def _overlaps_numpy(self, query: torch.Tensor) -> torch.Tensor:
+        """The CPU: numpy's AND and hardware population count (np.bitwise_count) on (16, n) blocks
+        of words that stay in cache, summed down the words."""
+        count = len(self)
+        stored = self._bits.numpy()[:, :count].view(np.uint64)  # (W, n): word w of every mask, contiguous
+        queries = np.ascontiguousarray(query.numpy()).view(np.uint64)
+        chunk = self._CHUNK
+        scratch = self._scratch
+        if getattr(scratch, "n", -1) != count:
+            scratch.n = count
+            scratch.both = np.empty((chunk, count), dtype=np.uint64)
+            scratch.bits = np.empty((chunk, count), dtype=np.uint8)
+            scratch.part = np.empty(count, dtype=np.uint16)
+        both, bits, part = scratch.both, scratch.bits, scratch.part
+        out = np.zeros((queries.shape[0], count), dtype=np.int32)
+        for b in range(queries.shape[0]):
+            for start in range(0, self.words, chunk):
+                end = min(self.words, start + chunk)
+                rows = end - start
+                np.bitwise_and(stored[start:end], queries[b, start:end, None], out=both[:rows])
+                np.bitwise_count(both[:rows], out=bits[:rows])
+                np.sum(bits[:rows], axis=0, dtype=np.uint16, out=part)  # <= 16 · 64 per chunk: no overflow
+                np.add(out[b], part, out=out[b])
+        return torch.from_numpy(out)
+
+    def best_words(self, query: torch.Tensor, exclude: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """For (B, W) packed query masks: the best stored row per query and its overlap ratio |m ∩ m_e| / k
+        (the earliest row on a tie); `exclude`: a row that takes no part (its overlap counts as -1)."""
+        if not len(self):
+            empty = torch.full((query.shape[0],), -1, dtype=torch.long, device=self.device)
+            return empty, torch.zeros(query.shape[0], device=self.device)
+        overlap = self.overlaps(query).float()
+        if exclude is not None:
+            overlap[:, exclude] = -1.0
         ratio, row = (overlap / self.k).max(dim=-1)
         return row, ratio
 
+    def best_columns(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`best_words` for (B, k) query columns."""
+        return self.best_words(self.pack(columns))
+
+    def best(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For (B, size) 0/1 query masks: the best stored row per query and its overlap ratio |m ∩ m_e| / k."""
+        bits = (query != 0).detach().cpu().numpy()
+        padded = np.zeros((bits.shape[0], self.words * WORD_BITS), dtype=np.bool_)
+        padded[:, : bits.shape[1]] = bits
+        words = torch.from_numpy(np.packbits(padded, axis=1, bitorder="little").view(np.int64))
+        return self.best_words(words)
+
     def to(self, device: torch.device | str) -> "MaskIndex":
         self.device = torch.device(device)
-        self._buffer = self._buffer.to(self.device)
+        self._bits = self._bits.to(self.device)
         return self

@@ -129,7 +129,7 @@ def _past(store: "Store", name: str, at_seq: int, expect: "ModelIdentity | None"
     edits = list(live.values())
     weight = store.weight_of(name, edits, before_version=version + 1)
     fixed = store.read_tensor(memory.state_file, memory.state_sha256)
-    state = tensors.build_state(memory.metadata, fixed, weight, {e.id: e.mask for e in edits}, expect)
+    state = tensors.build_state(memory.metadata, fixed, weight, {e.id: e.mask_bits for e in edits}, expect)
     return Snapshot(name, at_seq, version, tuple(_live(e) for e in edits)), state
 
 

@@ -700,7 +700,7 @@ class Store:
             applied = self.applied(name)
             weight = self.weight_of(name, applied)
         fixed = self.read_tensor(memory.state_file, memory.state_sha256)
-        return tensors.build_state(memory.metadata, fixed, weight, {e.id: e.mask for e in applied}, expect)
+        return tensors.build_state(memory.metadata, fixed, weight, {e.id: e.mask_bits for e in applied}, expect)
 
     def checkpoint_due(self, name: str) -> bool:
         """Whether `checkpoint_every` changes of W_m have been made since the newest checkpoint:

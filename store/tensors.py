@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors.torch import load as load_bytes
@@ -16,6 +16,7 @@ from safetensors.torch import save as save_bytes
 
 from memoir.delta import EditDelta
 from memoir.state import MemoryMismatchError, MemoryState, ModelIdentity
+from memoir.tophash import PackedMasks
 from store.checkpoints import MEMBERS
 from store.files import sha256_bytes
 from store.blobs import CorruptFileError
@@ -48,13 +49,6 @@ def state_bytes(state: MemoryState) -> bytes:
     return save_bytes({"permutation": tensors["permutation"], "background": tensors["background"]})
 
 
-def index_tensors(masks: dict[int, list[int]], k: int) -> dict[str, torch.Tensor]:
-    """The index as MemoryState keeps it: edit ids (n,) and their masks (n, k)."""
-    ids = sorted(masks)
-    return {"mask_edit_ids": torch.tensor(ids, dtype=torch.int64),
-            "masks": torch.tensor([masks[i] for i in ids], dtype=torch.int32).reshape(len(ids), k)}
-
-
 def checkpoint_bytes(weight: torch.Tensor, held: list[tuple[int, bytes, str]], size: int, k: int,
                      version: int) -> bytes:
     """W_m (fp32), the retrieval index it goes with (edit ids and their masks) and the delta each
@@ -83,10 +77,11 @@ def is_empty(state: MemoryState) -> bool:
 
 
 def build_state(meta: dict[str, Any], fixed: bytes, weight: torch.Tensor,
-                masks: dict[int, list[int]], expect: ModelIdentity | None) -> MemoryState:
-    """MemoryState from the memory's metadata and fixed tensors, W_m and the applied masks."""
-    tensors = {**load_bytes(fixed), **index_tensors(masks, meta["config"]["top_k"]), "weight": weight}
-    state = MemoryState.from_parts(meta, tensors)
+                masks: Mapping[int, bytes], expect: ModelIdentity | None) -> MemoryState:
+    """MemoryState from the memory's metadata and fixed tensors, W_m and the applied masks as the
+    ledger keeps them (edit id -> D-bit bitmap): packed as they are, never unpacked to columns."""
+    packed = PackedMasks.from_bitmaps(masks, meta["model"]["intermediate_size"])
+    state = MemoryState.from_parts(meta, {**load_bytes(fixed), "weight": weight}, masks=packed)
     if expect is not None:
         problems = state.model.mismatches(expect)
         if problems:

@@ -122,7 +122,7 @@ def test_mask_index_matches_a_plain_list_under_adds_and_removes():
             if live[step] not in keys:
                 keys.append(live[step])
             index.add(step, torch.tensor(live[step])[torch.randperm(k)])
-        capacities.add(index._buffer.shape[0])
+        capacities.add(index.capacity)
         assert len(index) == len(keys) and index.edit_count == len(live)
         assert torch.equal(index.matrix, dense_masks(torch.tensor(keys).reshape(-1, k), size))
         assert {e: tuple(c.tolist()) for e, c in index.masks().items()} == live
@@ -132,7 +132,7 @@ def test_mask_index_matches_a_plain_list_under_adds_and_removes():
             overlap = torch.tensor([[len(set(q.nonzero().flatten().tolist()) & set(key)) for key in keys] for q in query])
             assert torch.equal(ratios, overlap.max(1).values / k)
             assert torch.equal(rows, overlap.float().argmax(1))
-    assert all(c & (c - 1) == 0 for c in capacities if c)  # grown by doubling only
+    assert len(capacities) <= 12  # grown geometrically (x1.25), not one mask at a time
 
 
 def test_mask_index_keeps_insertion_order_when_a_middle_mask_leaves():

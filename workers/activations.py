@@ -20,7 +20,7 @@ import torch
 from memoir import Editor, metrics
 from memoir.fastpath import FastForward
 from memoir.prompts import TokenBatch
-from memoir.tophash import MaskIndex, dense_masks
+from memoir.tophash import MaskIndex
 from store import EditRecord, Store
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ class _Group:
     ids: list[int]
     batch: TokenBatch
     fast: FastForward | None  # None: the architecture has no fast path; score with full forwards
-    queries: torch.Tensor | None = None  # (B, D) 0/1 prompt masks, what retrieval compares
+    queries: torch.Tensor | None = None  # (B, W) packed prompt masks, what retrieval compares
     rows: torch.Tensor | None = None  # row of each target position of `fast`
 
 
@@ -81,7 +81,7 @@ class ActivationCache:
         group = _Group([e.id for e in edits], batch, fast)
         if fast is not None:
             columns = memory.columns_for(fast.acts, fast.batch.prompt_mask)
-            group.queries = dense_masks(columns, memory.site.in_features).to(memory.index.device)
+            group.queries = memory.index.pack(columns)
             group.rows = fast.targets // fast.batch.target_mask.shape[1]
         return group
 
@@ -107,12 +107,12 @@ class ActivationCache:
         memory is off; the row of `without` is skipped unless another live edit shares it."""
         memory = self.editor.memory
         if len(index) == 0:
-            return torch.zeros_like(group.queries)
-        overlap = group.queries @ index.matrix.T
+            return torch.zeros(group.queries.shape[0], index.size, device=index.device)
+        exclude = None
         if without is not None and without in index and index.edits(index.row_of(without)) == {without}:
-            overlap[:, index.row_of(without)] = -1.0
-        ratios, rows = (overlap / index.k).max(dim=-1)
-        return index.matrix[rows] * (ratios >= memory.threshold).unsqueeze(1)
+            exclude = index.row_of(without)
+        rows, ratios = index.best_words(group.queries, exclude=exclude)
+        return index.dense_rows(rows) * (ratios >= memory.threshold).unsqueeze(1)
 
     @torch.no_grad()
     def _fast_correct(self, group: _Group, index: MaskIndex, without: int | None,
