@@ -16,7 +16,7 @@ COPY store ./store
 COPY pipeline ./pipeline
 COPY workers ./workers
 COPY serving ./serving
-RUN pip install ".[worker,postgres,serve]"
+RUN pip install ".[worker,postgres,serve,s3]"
 
 # Not root: the store and the caches belong to this user (uid 1000 unless compose says otherwise).
 RUN useradd --create-home --uid 1000 memoir && mkdir -p /data/store /cache && chown -R memoir /data /cache

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 @click.option("--name", default="default", show_default=True, help="Memory name.")
 @click.option("--store", "store_path", default=None,
               help="Store directory or database URL (default $MEMOIR_STORE, else ./memoir-store).")
-@click.option("--tensors", "tensor_dir", default=None, help="Tensor directory (default <store>/tensors, $MEMOIR_TENSORS).")
+@click.option("--tensors", "tensor_dir", default=None,
+              help="Tensor directory or s3://bucket/prefix (default <store>/tensors, $MEMOIR_TENSORS).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: a free one).")
 @click.option("--at-seq", type=click.IntRange(min=0), default=None,

@@ -159,6 +159,23 @@ class S3Blobs(Blobs):
         from botocore.exceptions import BotoCoreError, ClientError
 
         self._errors = (BotoCoreError, ClientError)
+        self._check_bucket()
+
+    def _check_bucket(self) -> None:
+        """Refuse at once a bucket that does not exist or storage that does not answer (a StoreError:
+        every command reports it as a bad setting). Access denied passes: a replica whose
+        credentials may only read objects cannot look at the bucket itself."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except self._errors as exc:
+            code = _code(exc)
+            if code in ("403", "AccessDenied", "Forbidden"):
+                return
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise StoreError(f"{self.location}: the bucket {self.bucket!r} does not exist") from exc
+            endpoint = getattr(getattr(self.client, "meta", None), "endpoint_url", "?")
+            raise StoreError(f"{self.location}: the object storage at {endpoint} does not answer "
+                             f"as expected ({exc}); check AWS_ENDPOINT_URL and the credentials") from exc
 
     def _name(self, key: str) -> str:
         check_key(key)

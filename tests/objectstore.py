@@ -24,7 +24,8 @@ def aws_env(endpoint: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[SimpleNamespace]:
-    """The server, for the session; `env` reaches it, `bucket()` makes a fresh, empty bucket."""
+    """The server, for the session; `env` reaches it, `bucket()` makes a fresh, empty bucket,
+    `client()` is a boto3 client of it for the tests' own checks."""
     pytest.importorskip("boto3")
     moto_server = pytest.importorskip("moto.server")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
@@ -34,16 +35,19 @@ def s3_server() -> Iterator[SimpleNamespace]:
     endpoint = f"http://127.0.0.1:{port}"
     env = aws_env(endpoint)
 
-    def bucket() -> str:
+    def client():
         import boto3
 
+        return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="memoir-test",
+                            aws_secret_access_key="memoir-test")
+
+    def bucket() -> str:
         name = f"memoir-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="memoir-test",
-                     aws_secret_access_key="memoir-test").create_bucket(Bucket=name)
+        client().create_bucket(Bucket=name)
         return name
 
     try:
-        yield SimpleNamespace(endpoint=endpoint, env=env, bucket=bucket)
+        yield SimpleNamespace(endpoint=endpoint, env=env, bucket=bucket, client=client)
     finally:
         server.stop()
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from objectstore import s3_server, s3_url  # noqa: F401 (fixtures)
+from pipeline.local_redis import free_port
 from store import APPLYING, Store, StoreError
 from store.blobs import (
     BlobInfo,
@@ -30,6 +31,7 @@ from store.files import sha256_bytes
 from test_store import D_FFN, D_MODEL, REPO, apply_edit, make_result, make_state
 
 pytest.importorskip("boto3")
+moto_server = pytest.importorskip("moto.server")
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -145,19 +147,30 @@ def test_s3_objects_record_their_sha256(s3_url, s3_server):
     assert head["Metadata"]["sha256"] == sha and head["ContentLength"] == 3
 
 
-def test_s3_errors_are_clear(s3_url, monkeypatch):
-    missing_bucket = open_blobs("s3://memoir-no-such-bucket/x")
-    with pytest.raises(OSError, match="bucket 'memoir-no-such-bucket' does not exist"):
-        missing_bucket.put("m/x", b"data")
-    with pytest.raises(OSError, match="bucket 'memoir-no-such-bucket' does not exist"):
-        missing_bucket.list("m/")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+def test_s3_errors_are_clear(s3_url, s3_server, monkeypatch):
+    with pytest.raises(StoreError, match="the bucket 'memoir-no-such-bucket' does not exist"):
+        open_blobs("s3://memoir-no-such-bucket/x")  # refused when opened, before anything is written
+    gone = s3_server.bucket()
+    blobs = open_blobs(f"s3://{gone}/x")
+    s3_server.client().delete_bucket(Bucket=gone)  # removed while in use
+    with pytest.raises(OSError, match=f"bucket '{gone}' does not exist"):
+        blobs.put("m/x", b"data")
+    with pytest.raises(OSError, match=f"bucket '{gone}' does not exist"):
+        blobs.list("m/")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    unreachable = open_blobs(s3_url)
+    other = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    other.start()
+    host, port = other.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")  # a second server, which goes away
+    going = open_blobs(f"s3://{s3_server.bucket()}/x")  # (moto's servers in one process share their buckets)
+    going.put("m/x", b"data")
+    other.stop()
     with pytest.raises(OSError, match="cannot read .*m/x"):
-        unreachable.get("m/x")
+        going.get("m/x")
     with pytest.raises(CorruptFileError, match="cannot be read"):
-        read_verified(unreachable, "m/x", "0" * 64)
+        read_verified(going, "m/x", sha256_bytes(b"data"))
+    with pytest.raises(StoreError, match="does not answer as expected"):
+        open_blobs(going.location)
 
 
 @pytest.mark.parametrize("location", ["s3://", "s3:///prefix", "s3://key:secret@bucket/x", "s3://bucket/x?region=eu",
@@ -217,17 +230,41 @@ def test_memoir_tensors_names_object_storage(tmp_path, s3_url, monkeypatch):
     assert out.returncode == 0 and '"ok": true' in out.stdout, out.stderr
 
 
-def test_a_failed_put_commits_nothing(tmp_path, s3_url):
+def test_a_failed_put_commits_nothing(tmp_path, s3_url, s3_server):
     """The object is complete and verified before the ledger row naming it commits: when the
     object storage refuses the write, the edit stays `applying` and the ledger names no object."""
     ledger = tmp_path / "ledger"
     with Store.open(ledger, tensor_dir=s3_url) as store:
         store.create_memory("default", make_state(), "synthetic")
-    with Store.open(ledger, tensor_dir="s3://memoir-no-such-bucket/x") as store:
+    vanishing = s3_server.bucket()
+    with Store.open(ledger, tensor_dir=f"s3://{vanishing}/x") as store:
         edit, _ = store.record_request("default", "r1", "p", "t")
         store.mark_applying(edit)
+        s3_server.client().delete_bucket(Bucket=vanishing)
         with pytest.raises(OSError, match="does not exist"):
             store.mark_applied(edit, make_result(edit.id, seed=1))
         after = store.edit(edit.id)
         assert after.status == APPLYING and after.delta_file is None
         assert "applied" not in [e.kind for e in store.events(name="default")]
+
+
+def test_the_compose_profile_keeps_nothing_of_the_memory_on_a_host():
+    """docker-compose.yml, profile s3: the worker and the replica name PostgreSQL and object
+    storage, mount no store volume, and use a queue the default worker never consumes."""
+    import yaml
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for name in ("worker-s3", "server-s3"):
+        service = services[name]
+        env = service["environment"]
+        assert service["profiles"] == ["s3"] and service["command"][0] == name.split("-")[0].replace("server", "serve")
+        assert env["MEMOIR_STORE"].startswith("postgresql://") and env["MEMOIR_TENSORS"].startswith("${MEMOIR_TENSORS:-s3://")
+        assert env["AWS_ENDPOINT_URL"] and env["MEMOIR_S3_ADDRESSING_STYLE"] == "path"
+        assert not any(v.split(":")[0] == "store" or "/data/store" in v for v in service["volumes"]), service["volumes"]
+        assert env["MEMOIR_REDIS_URL"] != services["worker"]["environment"]["MEMOIR_REDIS_URL"]
+        assert {"postgres", "redis"} <= set(service["depends_on"])
+    assert set(services["worker-s3"]["depends_on"]) >= {"objects-bucket"}
+    for name in ("postgres", "objects", "objects-bucket"):
+        assert services[name]["profiles"] == ["s3"]
+    assert "profiles" not in services["worker"] and "profiles" not in services["server"]

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 @click.option("--name", default="default", show_default=True, help="Memory name; consumes queue memoir.<name>.")
 @click.option("--store", "store_path", default=None,
               help="Store directory or database URL (default $MEMOIR_STORE, else ./memoir-store).")
-@click.option("--tensors", "tensor_dir", default=None, help="Tensor directory (default <store>/tensors, $MEMOIR_TENSORS).")
+@click.option("--tensors", "tensor_dir", default=None,
+              help="Tensor directory or s3://bucket/prefix (default <store>/tensors, $MEMOIR_TENSORS).")
 @click.option("--layer", type=int, default=None, help="Edited layer (new memory; must match a stored one).")
 @click.option("--top-k", type=int, default=None, help="Mask size k (new memory; must match a stored one).")
 @click.option("--threshold", type=float, default=None,
