@@ -222,15 +222,16 @@ class MaskIndex:
         self.words = word_count(size)
         self.device = torch.device(device)
         self._bits = torch.zeros(self.words, 0, dtype=torch.int64, device=self.device)
-        self._digests: list[bytes] = []
+        # Kept lean (~200 bytes a mask beside its D/8 bytes of bits): a mask's 16-byte digest finds
+        # its row; an edit finds its mask's digest; a row lists its edit (an int) or edits (a set).
         self._row_of_key: dict[bytes, int] = {}
-        self._edits: list[set[int]] = []
-        self._row_of_edit: dict[int, int] = {}
+        self._key_of_edit: dict[int, bytes] = {}
+        self._edits: list[int | set[int]] = []
         self._scratch = threading.local()
 
     def __len__(self) -> int:
         """Number of distinct masks."""
-        return len(self._digests)
+        return len(self._edits)
 
     @property
     def capacity(self) -> int:
@@ -254,13 +255,13 @@ class MaskIndex:
 
     @property
     def edit_count(self) -> int:
-        return len(self._row_of_edit)
+        return len(self._key_of_edit)
 
     def __contains__(self, edit_id: int) -> bool:
-        return edit_id in self._row_of_edit
+        return edit_id in self._key_of_edit
 
     def edit_ids(self) -> list[int]:
-        return list(self._row_of_edit)
+        return list(self._key_of_edit)
 
     # -- adding and removing ---------------------------------------------------------------------
     def add(self, edit_id: int, columns: torch.Tensor) -> int:
@@ -277,8 +278,8 @@ class MaskIndex:
         ids = [int(i) for i in edit_ids]
         words = words.detach().to("cpu", torch.int64).reshape(len(ids), self.words).contiguous()
         host = words.numpy()
-        if len(set(ids)) != len(ids) or any(i in self._row_of_edit for i in ids):
-            raise KeyError(f"edits {sorted(i for i in ids if i in self._row_of_edit or ids.count(i) > 1)} "
+        if len(set(ids)) != len(ids) or any(i in self._key_of_edit for i in ids):
+            raise KeyError(f"edits {sorted(i for i in ids if i in self._key_of_edit or ids.count(i) > 1)} "
                            "are already in the index")
         if len(ids) and not bool((np.bitwise_count(host.view(np.uint64)).sum(1) == self.k).all()):
             raise ValueError(f"a mask has {self.k} distinct columns")
@@ -302,12 +303,14 @@ class MaskIndex:
         if new:
             self._bits[:, len(self) : count] = words[new].T.to(self.device)
         for n in new:
-            self._digests.append(digests[n])
             self._row_of_key[digests[n]] = rows[n]
-            self._edits.append(set())
-        for edit_id, row in zip(ids, rows):
-            self._edits[row].add(edit_id)
-            self._row_of_edit[edit_id] = row
+            self._edits.append(ids[n])
+        fresh = set(new)
+        for n, (edit_id, row) in enumerate(zip(ids, rows)):
+            if n not in fresh:  # a mask stored already: one more edit uses it
+                held = self._edits[row]
+                self._edits[row] = {held, edit_id} if isinstance(held, int) else held | {edit_id}
+            self._key_of_edit[edit_id] = digests[n]
         return rows
 
     def _grow(self, capacity: int) -> None:
@@ -316,20 +319,21 @@ class MaskIndex:
         self._bits = bits
 
     def remove(self, edit_id: int) -> None:
-        row = self._row_of_edit.pop(edit_id)
-        self._edits[row].discard(edit_id)
-        if self._edits[row]:
+        digest = self._key_of_edit.pop(edit_id)
+        row = self._row_of_key[digest]
+        held = self._edits[row]
+        if isinstance(held, set):
+            rest = held - {edit_id}
+            self._edits[row] = next(iter(rest)) if len(rest) == 1 else rest
             return
         count = len(self)
-        digest = self._digests.pop(row)
         del self._row_of_key[digest]
         self._edits.pop(row)
+        later = self._bits[:, row + 1 : count].T.cpu().numpy()  # the masks that move up one
+        for n in range(later.shape[0]):
+            self._row_of_key[hashlib.blake2b(later[n].tobytes(), digest_size=16).digest()] = row + n
         self._bits[:, row : count - 1] = self._bits[:, row + 1 : count].clone()
         self._bits[:, count - 1].zero_()
-        for later in range(row, count - 1):
-            self._row_of_key[self._digests[later]] = later
-            for edit in self._edits[later]:
-                self._row_of_edit[edit] = later
 
     # -- reading ---------------------------------------------------------------------------------
     def columns(self, row: int) -> torch.Tensor:
@@ -341,20 +345,22 @@ class MaskIndex:
         return unpack(self._bits[:, rows].T.contiguous(), self.size).to(dtype)
 
     def edits(self, row: int) -> set[int]:
-        return set(self._edits[row])
+        held = self._edits[row]
+        return {held} if isinstance(held, int) else set(held)
 
     def row_of(self, edit_id: int) -> int:
-        return self._row_of_edit[edit_id]
+        return self._row_of_key[self._key_of_edit[edit_id]]
 
     def masks(self) -> PackedMasks:
         """Every live edit's mask (edit id → sorted columns), packed: D/8 bytes an edit."""
-        ids = list(self._row_of_edit)
-        rows = torch.tensor([self._row_of_edit[i] for i in ids], dtype=torch.long, device=self.device)
+        ids = list(self._key_of_edit)
+        rows = torch.tensor([self._row_of_key[key] for key in self._key_of_edit.values()], dtype=torch.long,
+                            device=self.device)
         return PackedMasks(ids, self._bits[:, rows].T.cpu(), self.size)
 
     def usage(self) -> dict[tuple[int, ...], int]:
         """Each distinct mask with the count of live edits using it."""
-        return {tuple(self.columns(row).tolist()): len(edits) for row, edits in enumerate(self._edits)}
+        return {tuple(self.columns(row).tolist()): len(self.edits(row)) for row in range(len(self))}
 
     # -- retrieval -------------------------------------------------------------------------------
     def pack(self, columns: torch.Tensor) -> torch.Tensor:
@@ -392,13 +398,13 @@ class MaskIndex:
             scratch.part = np.empty(count, dtype=np.uint16)
         both, bits, part = scratch.both, scratch.bits, scratch.part
         out = np.zeros((queries.shape[0], count), dtype=np.int32)
-        for b in range(queries.shape[0]):
-            for start in range(0, self.words, chunk):
-                end = min(self.words, start + chunk)
-                rows = end - start
+        for start in range(0, self.words, chunk):  # each block of stored words is read from memory once
+            end = min(self.words, start + chunk)
+            rows = end - start
+            for b in range(queries.shape[0]):
                 np.bitwise_and(stored[start:end], queries[b, start:end, None], out=both[:rows])
                 np.bitwise_count(both[:rows], out=bits[:rows])
-                np.sum(bits[:rows], axis=0, dtype=np.uint16, out=part)  # <= 16 · 64 per chunk: no overflow
+                np.sum(bits[:rows], axis=0, dtype=np.uint16, out=part)  # <= 16 · 64 per block: no overflow
                 np.add(out[b], part, out=out[b])
         return torch.from_numpy(out)
 
