@@ -5,6 +5,7 @@ records, then template facts about invented entities).
     python -m benchmarks.bench_stream --model smollm2 --edits 1000 --store .cache/bench_stream/smollm2
                                       [--points 100,1000,3000,10000] [--sample 100] [--seed 0]
                                       [--device cpu] [--dtype float32] [--threads 1] [--name NAME]
+                                      [--threshold T] [--top-k K]
 
 Edits go through `workers.runtime.Runtime.apply_request`, the code path of `memoir apply` and of
 the worker, into a real store (SQLite ledger + safetensors deltas, checkpoints every 100). The
@@ -62,6 +63,17 @@ def index_of(rid: str, seed: int) -> int:
     if not rid.startswith(prefix) or not rid[len(prefix):].isdigit():
         raise SystemExit(f"error: the store holds request {rid!r}, not this stream's (seed {seed}): use another --store")
     return int(rid[len(prefix):])
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (the index code a point was measured with), or None outside git."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def rss_mb() -> float:
@@ -225,9 +237,10 @@ def drift(editor, sample_masks: int = 500, seed: int = 0) -> dict[str, Any]:
     memory = editor.memory
     norms = memory.weight.float().norm(dim=0).cpu()
     used = norms[norms > 0]
-    masks = list(editor.state(with_weight=False).masks.values())
+    masks = editor.state(with_weight=False).masks
+    ids = sorted(masks)
     rng = random.Random(seed)
-    picked = masks if len(masks) <= sample_masks else rng.sample(masks, sample_masks)
+    picked = [masks[i] for i in (ids if len(ids) <= sample_masks else rng.sample(ids, sample_masks))]
     size = memory.site.in_features
     dense = torch.zeros(len(picked), size)
     for i, cols in enumerate(picked):
@@ -319,6 +332,9 @@ def evaluate_point(runtime, stream: list[dict[str, Any]], done: int, args, nq: l
     distinct = max(1, len(editor.memory.index))
     point["index"] = {**index, "distinct_masks": len(editor.memory.index),
                       "bytes_per_mask": round(index["bytes"] / distinct, 1)}
+    if hasattr(editor.memory.index, "nbytes"):  # the index's own count of its mask storage
+        point["index"]["mask_storage_bytes"] = int(editor.memory.index.nbytes)
+    point["commit"] = git_commit()
     point["rss_mb"] = round(rss_mb(), 1)
     point["drift"] = drift(editor, seed=args.seed)
     point["applied"] = sum(v is not None for v in ids_by_index.values())
@@ -338,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, float16); W_m stays fp32")
     parser.add_argument("--threshold", type=float, default=None, help="retrieval threshold (default: fitted)")
+    parser.add_argument("--top-k", type=int, default=None, help="columns per edit (default: 0.286 D)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default=None, help="results name (default bench_stream_<model>)")
     parser.add_argument("--lookalikes", type=int, default=200, help="unedited look-alike facts for false retrievals")
@@ -354,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
 
     stream = synthetic.records(args.edits, seed=args.seed)
     runtime = Runtime.open(args.model, store=args.store, name=MEMORY_NAME, device=args.device, dtype=args.dtype,
-                           threshold=args.threshold)
+                           threshold=args.threshold, top_k=args.top_k)
     editor = runtime.editor
     background = set(editor.background_prompts)
     nq = sorted({r["loc"] for r in synthetic.split_records()} - background)
