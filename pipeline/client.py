@@ -96,9 +96,11 @@ class Handle:
 class Client:
     """Talks to one Redis (default `MEMOIR_REDIS_URL`): the Celery broker and the status board."""
 
-    def __init__(self, url: str | None = None, *, max_chars: int | None = None) -> None:
+    def __init__(self, url: str | None = None, *, max_chars: int | None = None,
+                 socket_timeout: float | None = None) -> None:
         self.url = url or settings.redis_url()
         self.max_chars = max_chars
+        self.socket_timeout = socket_timeout  # seconds a Redis reply may take (None: no bound), e.g. in a server
         self._redis: "redis.Redis | None" = None
         self._app: "Celery | None" = None
 
@@ -106,7 +108,7 @@ class Client:
     @property
     def redis(self) -> "redis.Redis":
         if self._redis is None:
-            self._redis = settings.redis_client(self.url)
+            self._redis = settings.redis_client(self.url, socket_timeout=self.socket_timeout)
         return self._redis
 
     @property

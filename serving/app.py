@@ -20,10 +20,13 @@ from types import SimpleNamespace
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from serving.edits import EditAPI, edit_routes, is_write
 from serving.engine import Engine, GenerationError, InvalidRequest
 from serving.http import Bounds, Limits, NotReady, error
+from serving.keys import Keys, RequireKeys
 from serving.metrics import RequestMetrics, ServerMetrics
 from serving.openai import openai_routes
 
@@ -42,11 +45,13 @@ def _paths(routes: list[Any]) -> set[str]:
 
 
 def create_app(start: Callable[[], tuple[Engine, Any]], limits: Limits = Limits(), on_ready: Any = None,
-               on_failure: Any = None) -> FastAPI:
+               on_failure: Any = None, edits: EditAPI | None = None, keys: Keys | None = None) -> FastAPI:
     """The FastAPI app. It answers at once; `start()` (the model and memory loading: (engine,
     follower or None)) runs on a thread, and the engine and follower are started when it returns.
     Until then `/healthz` says "loading" and `/readyz` and the API answer 503. `on_ready()` is
-    called once serving, `on_failure(exc)` if `start()` fails. Both are stopped with the app."""
+    called once serving, `on_failure(exc)` if `start()` fails. Both are stopped with the app.
+    `edits` adds the edit API (serving/edits.py); `keys` (serving/keys.py), when it holds any,
+    guards every /v1/ route."""
     live = SimpleNamespace(engine=None, follower=None)
     metrics = ServerMetrics()
     metrics.bind(live)
@@ -80,6 +85,8 @@ def create_app(start: Callable[[], tuple[Engine, Any]], limits: Limits = Limits(
 
     app = FastAPI(title="memoir", lifespan=lifespan)
     app.add_middleware(Bounds, limits=limits)
+    if keys:  # outside Bounds: a request without a valid key costs no body read and no place in line
+        app.add_middleware(RequireKeys, keys=keys, is_write=is_write)
     app.add_middleware(RequestMetrics, metrics=metrics,  # outermost: counts Bounds' answers too
                        routes=lambda: _paths(app.routes))
 
@@ -95,6 +102,13 @@ def create_app(start: Callable[[], tuple[Engine, Any]], limits: Limits = Limits(
     @app.exception_handler(InvalidRequest)
     async def refused(_: Request, exc: InvalidRequest) -> JSONResponse:
         return error(400, str(exc), exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """A query or header parameter FastAPI checked (the edit API's): 400 in OpenAI's format."""
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return error(400, f"{where or 'request'}: {first.get('msg', 'invalid')}", where)
 
     @app.exception_handler(NotReady)
     async def loading(_: Request, exc: NotReady) -> JSONResponse:
@@ -142,6 +156,20 @@ def create_app(start: Callable[[], tuple[Engine, Any]], limits: Limits = Limits(
                 "notices": live.follower.notices if live.follower is not None else 0}
 
     app.include_router(openai_routes(engine_, limits))
+    if edits is not None:
+        app.include_router(edit_routes(edits, lambda: engine_().served.store))
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document without its 422 answers: `invalid` above makes them 400s."""
+        if app.openapi_schema is None:
+            document = FastAPI.openapi(app)
+            for operation in (op for path in document.get("paths", {}).values() for op in path.values()):
+                if "400" in operation.get("responses", {}):
+                    operation["responses"].pop("422", None)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

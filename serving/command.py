@@ -52,17 +52,31 @@ log = logging.getLogger(__name__)
               help="Requests admitted at once, waiting or generating (503 with Retry-After beyond).")
 @click.option("--request-timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
               help="Seconds a request may take, body to last token (408 for a slow body, 504 for the answer).")
+@click.option("--api-key", "api_keys", multiple=True, metavar="KEY[:ro|:rw]",
+              help="An API key (repeatable; read-write unless ':ro'); also $MEMOIR_API_KEYS, comma-separated. "
+                   "With any key, every /v1/ route needs 'Authorization: Bearer KEY', and submitting or rolling "
+                   "back edits a read-write one.")
 @click.option("--loglevel", default="INFO", show_default=True)
 @log_format_option
 def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | None, host: str, port: int,
           at_seq: int | None, device: str, dtype: str | None, max_batch: int, batch_wait: float,
-          poll_seconds: float, max_body_bytes: int, max_queue: int, request_timeout: float, loglevel: str,
-          log_format: str) -> None:
-    """Serve memory NAME over HTTP: /v1/completions, /v1/chat/completions, /v1/memory, /healthz, /readyz.
+          poll_seconds: float, max_body_bytes: int, max_queue: int, request_timeout: float,
+          api_keys: tuple[str, ...], loglevel: str, log_format: str) -> None:
+    """Serve memory NAME over HTTP: /v1/completions, /v1/chat/completions, /v1/memory, /healthz, /readyz,
+    and the edit API: POST /v1/edits, GET /v1/edits/ID, POST /v1/edits/ID/rollback, GET /v1/ledger
+    (through Redis at $MEMOIR_REDIS_URL, like `memoir submit`).
 
     It listens at once (`/readyz` answers 503 until the model and memory are loaded)."""
     from pipeline import logs
+    from serving.keys import KeyConfigError, Keys, exposure_warning
 
+    try:
+        keys = Keys.from_options(api_keys)
+    except KeyConfigError as exc:
+        fail(str(exc))
+    warning = exposure_warning(host, keys)
+    if warning is not None:
+        click.echo(warning, err=True)
     as_json = logs.setup(loglevel, log_format)
     import uvicorn
     from peewee import DatabaseError
@@ -70,6 +84,7 @@ def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | 
     from memoir import ConfigError, MemoryMismatchError
     from store import StoreError
     from serving.app import create_app
+    from serving.edits import EditAPI
     from serving.engine import Engine
     from serving.follower import Follower
     from serving.http import Limits
@@ -84,6 +99,7 @@ def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | 
     bound = sock.getsockname()[1]
     url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
     loaded: list = []  # the ServedModel, once loaded
+    edits = EditAPI(name)
     failed: list[BaseException] = []
 
     def start() -> tuple:
@@ -108,7 +124,7 @@ def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | 
         click.echo(f"{LISTENING_PREFIX} {url} (loading the model and memory {name!r})")
         sys.stdout.flush()
         app = create_app(start, Limits(max_body_bytes, max_queue, request_timeout), on_ready=ready,
-                         on_failure=failure)
+                         on_failure=failure, edits=edits, keys=keys)
         config = uvicorn.Config(app, log_level=loglevel.lower(), access_log=False, timeout_graceful_shutdown=5,
                                 **({"log_config": None} if as_json else {}))  # uvicorn's lines: JSON too
         server = uvicorn.Server(config)
@@ -116,6 +132,7 @@ def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | 
     finally:
         for served in loaded:
             served.close()
+        edits.close()
         sock.close()
     if failed:
         if isinstance(failed[0], (StoreError, ConfigError, MemoryMismatchError, OSError, ValueError, DatabaseError)):

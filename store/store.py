@@ -560,6 +560,21 @@ class Store:
             return [self._edit_record(r) for r in reversed(list(query))]
         return [self._edit_record(r) for r in query.order_by(Edit.memory, Edit.seq)]
 
+    def edits_after(self, name: str, after_seq: int = 0, limit: int = 100,
+                    status: str | Sequence[str] | None = None) -> list[EditRecord]:
+        """One page of memory `name`'s edits: those with a sequence number above `after_seq`, in
+        sequence order, at most `limit` of them (the next page starts after the last one's seq)."""
+        Edit = self.t.Edit
+        query = (Edit.select(Edit, self.t.Memory).join(self.t.Memory)
+                 .where((Edit.memory == self._memory_row(name).id) & (Edit.seq > after_seq)))
+        if status is not None:
+            wanted = [status] if isinstance(status, str) else list(status)
+            unknown = set(wanted) - set(STATUSES)
+            if unknown:
+                raise StoreError(f"unknown status {sorted(unknown)}: one of {', '.join(STATUSES)}")
+            query = query.where(Edit.status.in_(wanted))
+        return [self._edit_record(r) for r in query.order_by(Edit.seq).limit(limit)]
+
     def pending(self, name: str) -> list[EditRecord]:
         """queued/applying rows of a memory, in sequence order: what a restarted worker resumes."""
         return self.edits(name, status=PENDING)
