@@ -16,6 +16,7 @@ ID=${EDIT_ID:-http-demo-$(date +%s)}
 PROMPT=${PROMPT:-What university did Watts Humphrey attend?}
 TARGET=${TARGET:-University of Michigan}
 TIMEOUT=${TIMEOUT:-300}
+MAX_TOKENS=${MAX_TOKENS:-16}
 auth=()
 if [ -n "${MEMOIR_API_KEY:-}" ]; then auth=(-H "Authorization: Bearer ${MEMOIR_API_KEY}"); fi
 
@@ -38,7 +39,8 @@ until_status() {  # ID STATUS: poll GET /v1/edits/ID until its status is STATUS 
   while true; do
     status=$(call GET "/v1/edits/$1" | text_of status)
     [ "$status" = "$2" ] && { echo "$status"; return 0; }
-    [ "$status" = failed ] && { echo "request $1 failed: $(call GET "/v1/edits/$1")" >&2; return 1; }
+    case $status in applied|failed|rolled_back|done)  # ended otherwise (e.g. an EDIT_ID used before)
+      echo "request $1 is $status, not $2: $(call GET "/v1/edits/$1")" >&2; return 1;; esac
     [ $SECONDS -ge $deadline ] && { echo "request $1 is still $status after $TIMEOUT s" >&2; return 1; }
     sleep 0.5
   done
@@ -54,7 +56,7 @@ until_served_moves() {  # VERSION: wait until the server serves a memory version
   done
 }
 
-ask() { call POST /v1/completions "{\"prompt\": $(json_text "$PROMPT"), \"max_tokens\": 8}" | text_of text; }
+ask() { call POST /v1/completions "{\"prompt\": $(json_text "$PROMPT"), \"max_tokens\": $MAX_TOKENS}" | text_of text; }
 
 echo "question:    $PROMPT"
 answer=$(ask); echo "before:      $answer"
