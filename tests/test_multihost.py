@@ -119,8 +119,9 @@ def test_an_edit_is_served_by_both_replicas_within_seconds(hosts, zsre):
     assert outcome["status"] == "applied", outcome
     hosts.edit_a = outcome["edit_id"]
     for replica in hosts.replicas:
-        wait_until(lambda: replica.text(a["src"]).strip().startswith(a["alt"]), RELOAD_SECONDS,
-                   f"{replica.log.stem} serves the edit")
+        seconds = wait_until(lambda: replica.text(a["src"]).strip().startswith(a["alt"]), RELOAD_SECONDS,
+                             f"{replica.log.stem} serves the edit")
+        print(f"{replica.log.stem} served the edit {seconds:.2f} s after the worker's outcome")
         assert replica.complete(a["src"])["memoir"]["retrieved"] == [[outcome["edit_id"]]]
     assert served(hosts.replicas[0]) == served(hosts.replicas[1]) == (1, 1, [outcome["edit_id"]])
 
@@ -131,7 +132,9 @@ def test_a_rollback_is_served_by_both_replicas_within_seconds(hosts, zsre):
     outcome = hosts.client.rollback(hosts.edit_a, reason="test", name=NAME).wait(timeout=300)
     assert outcome["status"] == "done", outcome
     for replica in hosts.replicas:
-        wait_until(lambda: replica.text(a["src"]) == base, RELOAD_SECONDS, f"{replica.log.stem} serves the rollback")
+        seconds = wait_until(lambda: replica.text(a["src"]) == base, RELOAD_SECONDS,
+                             f"{replica.log.stem} serves the rollback")
+        print(f"{replica.log.stem} served the rollback {seconds:.2f} s after the worker's outcome")
         assert replica.complete(a["src"])["memoir"]["retrieved"] == [[]]
     seq, version, edits = served(hosts.replicas[0])
     assert (seq, edits) == (1, []) and version >= 2
