@@ -6,6 +6,7 @@ storage: edits, checkpoints, loading, verify, pruning, and the write order kept 
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -228,6 +229,31 @@ def test_memoir_tensors_names_object_storage(tmp_path, s3_url, monkeypatch):
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "ledger", "verify", "--store", str(tmp_path / "ledger"),
                           "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and '"ok": true' in out.stdout, out.stderr
+
+
+def test_memoir_store_compact_on_object_storage(tmp_path, s3_url, monkeypatch):
+    monkeypatch.setenv("MEMOIR_TENSORS", s3_url)
+    ledger = str(tmp_path / "ledger")
+    with Store.open(ledger) as store:
+        store.create_memory("default", make_state(), "synthetic")
+        weight = torch.zeros(D_MODEL, D_FFN)
+        for n in (1, 2, 3):
+            apply_edit(store, weight, n)
+            store.checkpoint("default", weight)
+        old = [c.file for c in store.checkpoints("default")[:-1]]
+        orphan = "default/checkpoints/v00000099-" + "0" * 64 + ".safetensors"
+        store.blobs.put(orphan, b"left by a crash")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "store", "compact", "--store", ledger,
+                           "--keep-checkpoints", "1", "--json"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])["default"]
+    assert summary["removed"] == [1, 2] and summary["kept"] == [3] and summary["orphans"] == [orphan.split("/")[-1]]
+    with Store.open(ledger) as store:
+        left = [b.key for b in store.blobs.list("default/checkpoints/")]
+        assert left == [store.checkpoints("default")[0].file] and not set(old) & set(left)
+        assert store.verify("default").ok and torch.equal(store.load_state("default").weight, weight)
 
 
 def test_a_failed_put_commits_nothing(tmp_path, s3_url, s3_server):
