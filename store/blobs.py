@@ -138,10 +138,13 @@ class LocalBlobs(Blobs):
         if not directory.is_dir():
             return []
         found = []
-        for path in sorted(directory.rglob("*")):
-            if path.is_file():
-                found.append(BlobInfo(path.relative_to(self.root).as_posix(), path.stat().st_size))
-        return found
+        for path in directory.rglob("*"):
+            try:
+                if path.is_file():
+                    found.append(BlobInfo(path.relative_to(self.root).as_posix(), path.stat().st_size))
+            except FileNotFoundError:  # deleted meanwhile (a prune): not there any more
+                continue
+        return sorted(found, key=lambda b: b.key)
 
 
 class S3Blobs(Blobs):
