@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
               help="Sequences generated together.")
 @click.option("--batch-wait", type=click.FloatRange(min=0), default=0.005, show_default=True,
               help="Seconds the oldest request waits for others to batch with.")
+@click.option("--max-tokens", "max_tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Most tokens one answer may generate (400 beyond); a chat request without max_tokens "
+                   "generates to the end of the model's context, at most this many.")
 @click.option("--poll", "poll_seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds between polls of the store (the fallback when Redis is down).")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
@@ -59,7 +62,7 @@ log = logging.getLogger(__name__)
 @click.option("--loglevel", default="INFO", show_default=True)
 @log_format_option
 def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | None, host: str, port: int,
-          at_seq: int | None, device: str, dtype: str | None, max_batch: int, batch_wait: float,
+          at_seq: int | None, device: str, dtype: str | None, max_batch: int, batch_wait: float, max_tokens: int,
           poll_seconds: float, max_body_bytes: int, max_queue: int, request_timeout: float,
           api_keys: tuple[str, ...], loglevel: str, log_format: str) -> None:
     """Serve memory NAME over HTTP: /v1/completions, /v1/chat/completions, /v1/memory, /healthz, /readyz,
@@ -106,7 +109,7 @@ def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | 
         served = load(model_name, store=store_path, name=name, at_seq=at_seq, device=device, dtype=dtype,
                       tensor_dir=tensor_dir)
         loaded.append(served)
-        engine = Engine(served, max_batch=max_batch, batch_wait=batch_wait)
+        engine = Engine(served, max_batch=max_batch, batch_wait=batch_wait, max_tokens_limit=max_tokens)
         return engine, None if served.pinned else Follower(served, engine.offer, poll_seconds=poll_seconds)
 
     def ready() -> None:

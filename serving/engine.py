@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from memoir import MemoryState
 from serving.metrics import ServerMetrics
@@ -58,6 +58,30 @@ class Sampling:
     ignore_eos: bool
 
 
+@dataclass(frozen=True)
+class Score:
+    """One token's log-probability under the served model (memory applied as in generation) and the
+    `top` most likely tokens at its position, as (token id, log-probability) pairs, best first.
+    `logprob` is None for a prompt's first token, which nothing predicts."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def _scores(logprobs: torch.Tensor, tokens: list[int], top: int) -> list[Score]:
+    """Score objects for `tokens`, each read from the matching row of `logprobs` (n, vocab)."""
+    if not tokens:
+        return []
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None]).squeeze(-1).tolist()
+    if top > 0:
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+        best = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        best = [()] * len(tokens)
+    return [Score(t, lp, b) for t, lp, b in zip(tokens, chosen, best)]
+
+
 @dataclass
 class Row:
     """One prompt of a request and what it has generated so far."""
@@ -67,11 +91,15 @@ class Row:
     max_tokens: int
     stops: tuple[str, ...]
     lstrip: bool  # chat content starts at its first non-space character
+    logprobs: int | None = None  # record each token's log-probability and this many top alternatives
+    score_prompt: bool = False  # also the prompt's tokens (`echo` with `logprobs`): one forward pass
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of `text` streamed so far
     finish_reason: str | None = None
     retrieved: list[int] = field(default_factory=list)
+    prompt_scores: list[Score] = field(default_factory=list)  # one per prompt token (the first: no logprob)
+    scores: list[Score] = field(default_factory=list)  # one per generated token, EOS included
 
     def visible(self, tokenizer: Any) -> str:
         text = tokenizer.decode(self.tokens, skip_special_tokens=True)
@@ -123,14 +151,28 @@ class Work:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, index, payload))
 
 
+class _Record(LogitsProcessor):
+    """Keeps the log-probabilities of each step's next token (the model's own distribution, before
+    temperature and top_p) for `_Feed` to read once the token is chosen."""
+
+    def __init__(self) -> None:
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.last = scores.float().log_softmax(-1)
+        return scores
+
+
 class _Feed(StoppingCriteria):
     """Called by `generate` after each token: feeds the rows, streams their text, and stops the
     rows that are done (EOS, max_tokens, a stop string, a client that left)."""
 
-    def __init__(self, rows: list[tuple[Work, Row]], served: ServedModel, eos: set[int]) -> None:
+    def __init__(self, rows: list[tuple[Work, Row]], served: ServedModel, eos: set[int],
+                 record: _Record | None = None) -> None:
         self.rows = rows
         self.served = served
         self.eos = eos
+        self.record = record
         self.first = True
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
@@ -141,11 +183,13 @@ class _Feed(StoppingCriteria):
                 row.retrieved = retrieved[n] if n < len(retrieved) else []
         tokens = input_ids[:, -1].tolist()
         done = []
-        for (work, row), token in zip(self.rows, tokens):
+        for n, ((work, row), token) in enumerate(zip(self.rows, tokens)):
             if row.finish_reason is None:
                 if work.cancelled:
                     row.finish_reason = "cancelled"
                 else:
+                    if row.logprobs is not None and self.record is not None and self.record.last is not None:
+                        row.scores += _scores(self.record.last[n : n + 1], [token], row.logprobs)
                     row.add(token, self.eos, self.served.tokenizer)
                     if work.stream and (text := row.fresh_text()):
                         work.send("text", row.index, text)
@@ -167,6 +211,7 @@ class Engine:
         self.batch_wait = batch_wait
         self.max_tokens_limit = max_tokens_limit
         self.context = int(getattr(served.model.config, "max_position_embeddings", 0) or 0)
+        self.vocab = int(getattr(served.model.config, "vocab_size", 0) or 0)
         self.eos = served.editor.stop_ids()
         self.batches = 0
         self.reloads = 0
@@ -201,11 +246,19 @@ class Engine:
     def submit(self, work: Work) -> None:
         self._inbox.put(work)
 
+    def room(self, ids: list[int]) -> int:
+        """Tokens a prompt of `ids` may generate: to the end of the context, at most the server's cap."""
+        left = self.context - len(ids) if self.context else self.max_tokens_limit
+        return max(0, min(self.max_tokens_limit, left))
+
     def check(self, row: Row) -> None:
         if row.max_tokens > self.max_tokens_limit:
             raise InvalidRequest(f"max_tokens: at most {self.max_tokens_limit}", "max_tokens")
         if not row.ids:
             raise InvalidRequest("the prompt is empty", "prompt")
+        vocab = self.vocab
+        if vocab and any(not 0 <= t < vocab for t in row.ids):
+            raise InvalidRequest(f"prompt: token ids must lie in [0, {vocab})", "prompt")
         if self.context and len(row.ids) + row.max_tokens > self.context:
             raise InvalidRequest(f"the prompt ({len(row.ids)} tokens) and max_tokens ({row.max_tokens}) exceed "
                                  f"the model's context of {self.context} tokens", "max_tokens")
@@ -274,24 +327,21 @@ class Engine:
         served, sampling = self.served, batch[0].sampling
         for work in batch:
             work.snapshot = served.snapshot
-        tokens = served.batch([row.ids for _, row in rows])
         memory = served.editor.memory
-        options: dict[str, Any] = {"do_sample": False}
-        if sampling.temperature > 0:
-            options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
-        if sampling.ignore_eos:
-            options["min_new_tokens"] = max(row.max_tokens for _, row in rows)
         previous = memory.enabled
         memory.enabled = sampling.use_memory
         try:
             with torch.no_grad():
-                served.model.generate(
-                    input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                    max_new_tokens=max(row.max_tokens for _, row in rows), use_cache=True,
-                    pad_token_id=served.editor.codec.pad_id,
-                    stopping_criteria=StoppingCriteriaList([_Feed(rows, served, self.eos)]), **options)
+                scored = [(work, row) for work, row in rows if row.score_prompt or row.max_tokens == 0]
+                if scored:
+                    self._score(scored)
+                for work, row in rows:
+                    if row.max_tokens == 0:  # echo only: nothing to generate
+                        row.finish_reason = "length"
+                        work.send("done", row.index, row)
+                live = [(work, row) for work, row in rows if row.max_tokens > 0]
+                if live:
+                    self._sample(live, sampling)
         finally:
             memory.enabled = previous
         self.batches += 1
@@ -307,5 +357,43 @@ class Engine:
                      len(work.rows), sum(len(r.tokens) for r in work.rows), served.seq,
                      [r.retrieved for r in work.rows], extra={"request_id": work.request_id})
 
+    def _score(self, rows: list[tuple[Work, Row]]) -> None:
+        """One forward pass over the rows' prompts: each prompt token's log-probability (`echo` with
+        `logprobs`) and the edit each prompt retrieves. Retrieval is decided exactly as at
+        generation's prefill: from the prompt's own positions, memory on or off as the request says."""
+        served = self.served
+        tokens = served.batch([row.ids for _, row in rows])
+        mask = tokens.attention_mask.long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: as generate numbers positions
+        logits = served.model(input_ids=tokens.input_ids, attention_mask=mask, position_ids=positions,
+                              use_cache=False).logits
+        retrieved = served.editor.memory.retrieved_edits()
+        width = tokens.input_ids.shape[1]
+        for n, (_, row) in enumerate(rows):
+            row.retrieved = retrieved[n] if n < len(retrieved) else []
+            if row.score_prompt:
+                start = width - len(row.ids)  # predictions of tokens 1.. are made at positions 0..
+                logprobs = logits[n, start : width - 1].float().log_softmax(-1)
+                row.prompt_scores = [Score(row.ids[0], None)] + _scores(logprobs, row.ids[1:], row.logprobs or 0)
 
-__all__ = ["Engine", "GenerationError", "InvalidRequest", "Row", "Sampling", "Work"]
+    def _sample(self, rows: list[tuple[Work, Row]], sampling: Sampling) -> None:
+        served = self.served
+        tokens = served.batch([row.ids for _, row in rows])
+        options: dict[str, Any] = {"do_sample": False}
+        if sampling.temperature > 0:
+            options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+        if sampling.ignore_eos:
+            options["min_new_tokens"] = max(row.max_tokens for _, row in rows)
+        record = _Record() if any(row.logprobs is not None for _, row in rows) else None
+        if record is not None:
+            options["logits_processor"] = LogitsProcessorList([record])
+        served.model.generate(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+            max_new_tokens=max(row.max_tokens for _, row in rows), use_cache=True,
+            pad_token_id=served.editor.codec.pad_id,
+            stopping_criteria=StoppingCriteriaList([_Feed(rows, served, self.eos, record)]), **options)
+
+
+__all__ = ["Engine", "GenerationError", "InvalidRequest", "Row", "Sampling", "Score", "Work"]
