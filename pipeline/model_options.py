@@ -1,4 +1,4 @@
-"""The `--model` and `--module-path` options, the same in every command that holds a model.
+"""The `--model`, `--module-path` and `--prompt-format` options, the same in every command that holds a model.
 
 `model_option` also turns a model that cannot be found, fetched or converted
 (`memoir.sources.ModelSourceError`) into one line on stderr and exit status 2. Nothing here
@@ -42,5 +42,10 @@ def model_option(param: str = "model_name", required: bool = True, help: str = M
 
 
 module_path_option = click.option("--module-path", "module_path", default=None, metavar="PATH", help=MODULE_PATH_HELP)
+PROMPT_FORMAT_HELP = ("how prompts reach the model (a new memory only; must match a stored one): 'plain' text "
+                      "(default), or 'chat': every edit prompt, and every prompt and chat turn `memoir serve` "
+                      "answers, goes through the tokenizer's chat template")
+prompt_format_option = click.option("--prompt-format", "prompt_format", type=click.Choice(["plain", "chat"]),
+                                    default=None, help=PROMPT_FORMAT_HELP)
 
-__all__ = ["MODEL_HELP", "model_option", "module_path_option"]
+__all__ = ["MODEL_HELP", "model_option", "module_path_option", "prompt_format_option"]

@@ -13,6 +13,7 @@ import click
 from pipeline.cli import emit_json, fail
 from pipeline.schema import EditRequest, scan_edit_file
 from pipeline.store_commands import keep_checkpoints_option
+from pipeline.model_options import prompt_format_option
 from workers.model_options import model_option, module_path_option
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,14 @@ def _open_runtime(**kwargs: Any):
 @click.option("--layer", type=int, default=None, help="edited layer (a new memory only)")
 @click.option("--top-k", "top_k", type=int, default=None, help="columns per edit (a new memory only)")
 @module_path_option
+@prompt_format_option
 @keep_checkpoints_option
 @click.option("--json", "as_json", is_flag=True,
               help='last line: {"applied", "failed", "skipped", "ids", "superseded", ...}')
 def apply(model: str, store_path: str | None, name: str, device: str, dtype: str | None, file: Path,
           layer: int | None, top_k: int | None, module_path: str | None, keep_checkpoints: int,
-          as_json: bool) -> None:
+          as_json: bool,
+          prompt_format: str | None = None) -> None:
     """Apply the edits of FILE in-process, straight into the store (no Redis): offline bulk import.
 
     Lines without an id get one from their content, so applying a file twice applies each
@@ -97,7 +100,8 @@ def apply(model: str, store_path: str | None, name: str, device: str, dtype: str
     for problem in problems:
         click.echo(f"skipped {problem}", err=True)
     runtime = _open_runtime(model=model, store=store_path, name=name, layer=layer, top_k=top_k, device=device,
-                            dtype=dtype, module_path=module_path, keep_checkpoints=keep_checkpoints)
+                            dtype=dtype, module_path=module_path, keep_checkpoints=keep_checkpoints,
+                            prompt_format=prompt_format)
     counts = {"applied": 0, "failed": 0, "skipped": len(problems)}
     ids: list[int] = []
     superseded: list[int] = []

@@ -85,7 +85,7 @@ class Runtime:
     def open(cls, model: str | os.PathLike | nn.Module, store: Store | str | os.PathLike | None = None,
              name: str = "default", layer: int | None = None, top_k: int | None = None, device: str = "cpu",
              dtype: str | torch.dtype | None = None, threshold: float | None = None, *, tokenizer: Any = None,
-             module_path: str | None = None,
+             module_path: str | None = None, prompt_format: str | None = None,
              config: MemoirConfig | None = None, background_prompts: Sequence[str] | None = None,
              policy: dict[str, Any] | None = None, checkpoint_every: int | None = None,
              readonly: bool = False, lock_wait: float = 0.0, tensor_dir: str | os.PathLike | None = None,
@@ -99,7 +99,7 @@ class Runtime:
         `readonly` takes no lock and writes nothing (generation); a memory the store lacks is
         then an empty one in RAM. `config`, `background_prompts`, `policy` and
         `checkpoint_every` are used when the memory is created (`keep_checkpoints`: how many of
-        the newest checkpoints a writer keeps); `layer`/`top_k`/`threshold`/
+        the newest checkpoints a writer keeps); `layer`/`top_k`/`threshold`/`prompt_format`/
         `module_path` (the edited projection, with `{layer}`; by default found from the model's
         structure) must agree with a stored memory (MemoryMismatchError otherwise)."""
         if isinstance(model, nn.Module):
@@ -117,7 +117,7 @@ class Runtime:
         try:
             if not readonly:
                 lock = store.writer_lock(name, wait=lock_wait)
-            overrides = {"layer": layer, "top_k": top_k, "threshold": threshold}
+            overrides = {"layer": layer, "top_k": top_k, "threshold": threshold, "prompt_format": prompt_format}
             if store.has_memory(name):
                 state = store.load_state(name)
                 wrong = [f"{key} {value} (stored: {getattr(state.config, key)})" for key, value in overrides.items()
