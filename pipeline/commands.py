@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli import emit_json, fail
+from pipeline.cli import EXIT_FAILED, EXIT_INVALID, EXIT_UNAVAILABLE, emit_json, fail
 from pipeline.client import BrokerError, Client, UnknownRequestError, WaitTimeout
 from pipeline.schema import EditRequest, RequestError, check_unique_ids, read_edit_file, validate_edit
 
@@ -33,6 +33,20 @@ def _requests(prompt: str | None, target: str | None, rephrases: tuple[str, ...]
         raise click.UsageError("give --prompt and --target, or --file")
     return [validate_edit({"prompt": prompt, "target": target, "rephrases": list(rephrases),
                            "request_id": request_id, "name": name, "replaces": _replaces(replaces)})]
+
+
+DEFAULT_WAIT_TIMEOUT = 600.0
+
+
+def unserved(client: Client, names: list[str]) -> list[str]:
+    """The memories among `names` that no live worker announces in Redis (`memoir:worker:<name>`)."""
+    return [n for n in dict.fromkeys(names) if client.worker(n) is None]
+
+
+def warn_unserved(names: list[str]) -> None:
+    for name in names:
+        click.echo(f"warning: no worker serves memory {name!r} (no live memoir:worker:{name} in Redis): "
+                   f"the requests wait on queue memoir.{name} until `memoir worker --name {name}` runs", err=True)
 
 
 def _line(record: dict[str, Any]) -> str:
@@ -62,7 +76,8 @@ def _line(record: dict[str, Any]) -> str:
               help="Supersede an edit (its ledger id or request id, or 'same-prompt': the live edit with this "
                    "prompt): the worker rolls it back in the same queued operation; refused if it is not live.")
 @click.option("--wait", is_flag=True, help="Wait until every edit is applied or failed.")
-@click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=DEFAULT_WAIT_TIMEOUT, show_default=True,
+              help="With --wait: give up after this many seconds (exit status 3; 0: wait for ever).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 def submit(prompt: str | None, target: str | None, rephrases: tuple[str, ...], request_id: str | None,
            name: str | None, path: str | None, replaces: str | None, wait: bool, timeout: float | None,
@@ -74,17 +89,19 @@ def submit(prompt: str | None, target: str | None, rephrases: tuple[str, ...], r
     try:
         requests = _requests(prompt, target, rephrases, request_id, name, path, replaces)
     except RequestError as exc:
-        fail(f"refused, nothing was sent: {exc}")
+        fail(f"refused, nothing was sent: {exc}", EXIT_INVALID)
     client = Client()
     show_bar = path is not None
     try:
         client.check_conflicts(requests)
         handles = [client.submit_request(r)
                    for r in tqdm(requests, desc="submit", unit="edit", disable=not show_bar)]
+        idle = unserved(client, [h.name for h in handles])
     except RequestError as exc:
-        fail(f"refused: {exc}")
+        fail(f"refused: {exc}", EXIT_INVALID)
     except BrokerError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_UNAVAILABLE)
+    warn_unserved(idle)
     ids = [h.request_id for h in handles]
     duplicates = [h.request_id for h in handles if h.duplicate]
     if not wait:
@@ -93,30 +110,34 @@ def submit(prompt: str | None, target: str | None, rephrases: tuple[str, ...], r
                 note = " (already submitted: not sent again)" if handle.duplicate else ""
                 click.echo(f"submitted {handle.request_id} to memoir.{handle.name}{note}")
         if as_json:
-            emit_json({"submitted": len(ids), "ids": ids, "duplicates": duplicates})
+            emit_json({"submitted": len(ids), "ids": ids, "duplicates": duplicates, "no_worker": idle})
         return
 
     try:
         with tqdm(total=len(ids), desc="wait", unit="edit", disable=not show_bar) as bar:
-            records = client.wait(ids, timeout=timeout, on_done=lambda _r: bar.update())
+            records = client.wait(ids, timeout=timeout or None, on_done=lambda _r: bar.update())
     except WaitTimeout as exc:
         records = exc.statuses
+        counts = Counter(r.get("status") for r in records.values())
         if as_json:
-            counts = Counter(r.get("status") for r in records.values())
             emit_json({"submitted": len(ids), "applied": counts["applied"], "failed": counts["failed"],
-                       "ids": ids})
-        fail(str(exc))
+                       "ids": ids, "timed_out": True, "no_worker": idle})
+        still = unserved(client, [h.name for h in handles]) if idle else []
+        why = (f"; no worker serves memory {', '.join(map(repr, still))}: start `memoir worker --name NAME`"
+               if still else "")
+        fail(f"timed out: {exc}{why} (the requests stay queued; `memoir status ID` follows them)", EXIT_UNAVAILABLE)
     except BrokerError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_UNAVAILABLE)
     counts = Counter(r.get("status") for r in records.values())
     if as_json:
-        emit_json({"submitted": len(ids), "applied": counts["applied"], "failed": counts["failed"], "ids": ids})
+        emit_json({"submitted": len(ids), "applied": counts["applied"], "failed": counts["failed"], "ids": ids,
+                   "timed_out": False, "no_worker": idle})
     else:
         for request_id in ids:
             click.echo(_line(records[request_id]))
         click.echo(f"{len(ids)} submitted, {counts['applied']} applied, {counts['failed']} failed")
     if counts["failed"]:
-        fail(f"{counts['failed']} of {len(ids)} edits failed (see `memoir status ID`)")
+        fail(f"{counts['failed']} of {len(ids)} edits failed (see `memoir status ID`)", EXIT_FAILED)
 
 
 @click.command()
@@ -127,9 +148,9 @@ def status(request_id: str, as_json: bool) -> None:
     try:
         record = Client().status(request_id)
     except UnknownRequestError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_INVALID)
     except BrokerError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_UNAVAILABLE)
     if as_json:
         emit_json(record)
         return

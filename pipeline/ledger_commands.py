@@ -7,21 +7,61 @@ from typing import Any, Callable
 
 import click
 
-from pipeline.cli import emit_json, fail
+from pipeline.cli import EXIT_INVALID, EXIT_UNAVAILABLE, emit_json, fail
 
 STORE_HELP = "store directory or database URL (default: $MEMOIR_STORE, else ./memoir-store)"
 
-def open_store(store_path: str | None):
-    """The store, or `error: cannot open the store: ...` (a database still down after the
-    store's bounded retries included) and exit 1."""
-    from peewee import DatabaseError
+def missing_store(store_path: str | None) -> str | None:
+    """Why there is no store at `store_path` (`$MEMOIR_STORE`, else ./memoir-store), or None when
+    there is one: a directory without its ledger file, an SQLite URL whose file does not exist, a
+    database without the ledger's tables. Read-only commands refuse such a store rather than
+    create an empty one."""
+    import os
+    import re
+    from pathlib import Path
+
+    from store.store import DEFAULT_STORE, LEDGER_FILE
+
+    target = str(store_path or os.environ.get("MEMOIR_STORE") or DEFAULT_STORE)
+    hint = "give --store (or MEMOIR_STORE) the store a worker or `memoir apply` writes"
+    if "://" not in target:
+        if not (Path(target) / LEDGER_FILE).is_file():
+            return f"no store at {target} (no {LEDGER_FILE} there): {hint}"
+        return None
+    from store import database
+
+    db = database.connect_url(target)
+    shown = re.sub(r"//[^@/]*@", "//***@", target)  # never show a password
+    try:
+        if target.startswith("sqlite"):
+            path = Path(db.database)
+            if str(path) != ":memory:" and not path.is_file():
+                return f"no store at {shown} (the file {path} does not exist): {hint}"
+        tables = set(db.get_tables())
+    finally:
+        db.close()
+    if "store_info" not in tables:
+        return f"no store at {shown} (the database has no ledger tables): {hint}"
+    return None
+
+
+def open_store(store_path: str | None, *, create: bool = False):
+    """The store, or `error: ...` and exit 2 when there is none (unless `create`), or exit 3
+    when its database does not answer (after the store's bounded retries)."""
+    from peewee import DatabaseError, InterfaceError, OperationalError
 
     from store import Store, StoreError
 
     try:
+        if not create:
+            missing = missing_store(store_path)
+            if missing:
+                fail(missing, EXIT_INVALID)
         return Store.open(store_path)
+    except (OperationalError, InterfaceError) as exc:
+        fail(f"cannot open the store: {str(exc).strip()}", EXIT_UNAVAILABLE)
     except (StoreError, OSError, DatabaseError) as exc:
-        fail(f"cannot open the store: {str(exc).strip()}")
+        fail(f"cannot open the store: {str(exc).strip()}", EXIT_INVALID)
 
 
 def store_options(f: Callable) -> Callable:

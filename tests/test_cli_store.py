@@ -145,7 +145,7 @@ def test_apply_then_generate_in_a_new_process(tiny_model_factory, zsre, tmp_path
     done = memoir("apply", "--model", model_path, "--file", str(edits), "--store", str(store_path), "--json",
                   check=False)
     summary = last_json(done.stdout)
-    assert done.returncode == 1  # two lines were refused: the valid ones are applied all the same
+    assert done.returncode == 2  # two lines were refused (invalid input): the valid ones are applied all the same
     assert (summary["applied"], summary["failed"], summary["skipped"]) == (5, 0, 3)
     assert len(summary["ids"]) == 6 and summary["ids"][0] == summary["ids"][4]  # the repeated line: one edit
     assert summary["seconds_per_edit"] > 0

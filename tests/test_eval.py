@@ -135,7 +135,7 @@ def test_cli_json_and_plot(tmp_path, zsre):
 
 @pytest.mark.parametrize("args, message", [
     (["--data", "/nonexistent/zsre.jsonl"], "cannot read"),
-    (["--threshold", "1.5"], "threshold must be in"),
+    (["--threshold", "1.5"], "Invalid value for '--threshold'"),  # refused when the command line is read
     (["--layer", "9"], "layer 9 does not exist"),
 ])
 def test_cli_errors_are_clear(args, message, tmp_path, zsre):

@@ -117,8 +117,8 @@ def test_module_path_option(starcoder2_dir, zsre, tmp_path):
     # a stored memory refuses another projection
     result = CliRunner().invoke(main, [*base, "--store", str(tmp_path / "a"), "--module-path",
                                        "model.layers.{layer}.mlp.c_proj"])
-    assert result.exit_code == 1 and "module_path" in result.stderr
+    assert result.exit_code == 2 and "module_path" in result.stderr  # invalid input
     # a projection that does not exist: one clear line
     result = CliRunner().invoke(main, [*base, "--store", str(tmp_path / "b"), "--module-path",
                                        "model.layers.{layer}.mlp.nope"])
-    assert result.exit_code == 1 and "has no module 'model.layers.0.mlp.nope'" in result.stderr.splitlines()[-1]
+    assert result.exit_code == 2 and "has no module 'model.layers.0.mlp.nope'" in result.stderr.splitlines()[-1]

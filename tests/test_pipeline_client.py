@@ -210,5 +210,8 @@ def test_cli_submit_wait_json_counts_outcomes(client):
     code, out, err = run_cli("submit", "--prompt", "q?", "--target", "a", "--id", "w-1", "--wait", "--json",
                              "--timeout", "20")
     thread.join()
-    assert json.loads(out.strip().splitlines()[-1]) == {"submitted": 1, "applied": 0, "failed": 1, "ids": ["w-1"]}
-    assert code != 0 and "failed" in err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert {k: summary[k] for k in ("submitted", "applied", "failed", "ids")} == \
+        {"submitted": 1, "applied": 0, "failed": 1, "ids": ["w-1"]}
+    assert summary["timed_out"] is False and summary["no_worker"] == ["default"]  # added keys (issue 14.2)
+    assert code == 1 and "failed" in err  # a failed edit: exit status 1

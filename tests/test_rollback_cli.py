@@ -24,7 +24,8 @@ from workers.runtime import Runtime
 pytestmark = pytest.mark.slow
 
 REDIS = os.environ.get("MEMOIR_ROLLBACK_REDIS_URL", "redis://127.0.0.1:6379/13")
-SUMMARY_KEYS = {"rolled_back", "checked", "replayed", "seconds"}
+# `rollback --json`: one shape whatever the path (in-process, through the queue, waited for or not)
+SUMMARY_KEYS = {"rolled_back", "edits", "checked", "replayed", "seconds", "status", "via", "request_ids"}
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,8 @@ def test_rollback_in_process_and_the_ledger_diff(six, tmp_path):
     assert done.returncode == 0, done.stderr
     summary = last_json(done)
     assert summary.keys() == SUMMARY_KEYS and summary["rolled_back"] == 2 and 2 not in summary["checked"]
+    assert summary["edits"] == [2] and summary["status"] == "done" and summary["via"] == "in-process"
+    assert summary["request_ids"] == []
     assert set(summary["replayed"]) <= set(summary["checked"]) <= {1, 3, 4, 5, 6}
     assert statuses(path)[2] == ROLLED_BACK
 
@@ -78,6 +81,7 @@ def test_rollback_in_process_and_the_ledger_diff(six, tmp_path):
     retracted = memoir("rollback", "--prompt", prompt, "--store", path, "--json")  # --json: no question
     assert retracted.returncode == 0, retracted.stderr
     assert last_json(retracted)["rolled_back"] == [4] and statuses(path)[4] == ROLLED_BACK
+    assert last_json(retracted).keys() == SUMMARY_KEYS
 
     diff = memoir("ledger", "diff", "0", "6", "--store", path, "--json")
     assert diff.returncode == 0, diff.stderr
@@ -109,7 +113,8 @@ def test_rollback_through_the_queue_of_a_worker(six, tmp_path, redis_url, traine
         done = memoir("rollback", "3", "--store", path, "--wait", "--json", env=env)
         assert done.returncode == 0, done.stderr + worker.log_path.read_text()[-3000:]
         summary = last_json(done)
-        assert summary.keys() == SUMMARY_KEYS and summary["rolled_back"] == 3
+        assert summary.keys() == SUMMARY_KEYS and summary["rolled_back"] == 3 and summary["edits"] == [3]
+        assert summary["status"] == "done" and summary["via"] == "worker" and len(summary["request_ids"]) == 1
         assert statuses(path)[3] == ROLLED_BACK
         # refused before anything is sent
         again = memoir("rollback", "3", "--store", path, "--wait", env=env)
@@ -121,6 +126,8 @@ def test_rollback_through_the_queue_of_a_worker(six, tmp_path, redis_url, traine
 
         queued = memoir("rollback", "5", "--store", path, "--json", env=env)
         assert queued.returncode == 0 and last_json(queued)["status"] == "queued"
+        assert last_json(queued).keys() == SUMMARY_KEYS and last_json(queued)["rolled_back"] == 5
+        assert last_json(queued)["checked"] is None and last_json(queued)["via"] == "worker"
         request_id = last_json(queued)["request_ids"][0]
         assert client.wait([request_id], timeout=300)[request_id]["status"] == "done"
 

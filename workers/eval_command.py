@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from pipeline.cli import emit_json, fail
+from pipeline.cli import EXIT_INVALID, emit_json, fail
+from pipeline.runtime_options import device_option, dtype_option, n_iter_option, threshold_option
 from pipeline.model_options import model_option, module_path_option
 
 CURVE_POINTS = 20  # scores taken along the way when --plot asks for the curve
@@ -50,39 +51,38 @@ def plot_curve(curve: list[dict[str, Any]], path: str, title: str) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Edit the first N valid records (default: all).")
 @click.option("--layer", type=click.IntRange(min=0), default=None, help="Edited layer (default ≈ 0.84 of the depth).")
 @click.option("--top-k", "top_k", type=click.IntRange(min=1), default=None, help="Mask size k (default ≈ 0.286 D).")
-@click.option("--threshold", type=float, default=None, help="Retrieval threshold on the overlap ratio (default: fitted to the model).")
+@threshold_option()
+@n_iter_option()
 @click.option("--seed", type=int, default=None, help="Seed of the permutation π (default 0).")
 @click.option("--distinct-subjects", is_flag=True,
               help="Edit only the first record of each subject (zsRE repeats subjects with other targets).")
 @module_path_option
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@device_option()
+@dtype_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (last line of stdout).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write Rel/Gen/Loc against the number of edits to this PNG.")
 def eval_command(model_name: str, data_path: str, limit: int | None, layer: int | None, top_k: int | None,
-                 threshold: float | None, seed: int | None, distinct_subjects: bool, module_path: str | None, device: str, as_json: bool,
-                 plot_path: str | None) -> None:
+                 threshold: float | None, n_iter: int | None, seed: int | None, distinct_subjects: bool,
+                 module_path: str | None, device: str, dtype: str | None, as_json: bool, plot_path: str | None) -> None:
     """Edit the first N valid zsRE records one after another, then score all of them."""
-    import torch
     from tqdm import tqdm
 
     from memoir.config import ConfigError, MemoirConfig
     from memoir.evaluate import evaluate, read_records
     from memoir.locate import UnknownArchitectureError
-    from memoir.sources import load_model, resolve_model
+    from memoir.sources import load_model, resolve_model, torch_dtype
 
-    if device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA device is available")
     try:
         config = MemoirConfig().replace(layer=layer, top_k=top_k, threshold=threshold, seed=seed,
-                                        module_path=module_path)
+                                        module_path=module_path, n_iter=n_iter)
     except ConfigError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_INVALID)
     try:
         records = read_records(data_path)
     except (OSError, ValueError) as exc:
-        fail(f"cannot read {data_path}: {exc}")
-    model, tokenizer, _ = load_model(model_name, device=device)
+        fail(f"cannot read {data_path}: {exc}", EXIT_INVALID)
+    model, tokenizer, _ = load_model(model_name, device=device, dtype=torch_dtype(dtype))
 
     bar = tqdm(total=limit, desc="editing", unit="edit", file=sys.stderr, dynamic_ncols=True)
 
@@ -96,7 +96,7 @@ def eval_command(model_name: str, data_path: str, limit: int | None, layer: int 
                           distinct_subjects=distinct_subjects)
     except (ConfigError, UnknownArchitectureError, ValueError) as exc:
         bar.close()
-        fail(str(exc))
+        fail(str(exc), EXIT_INVALID)
     bar.close()
     result["model"] = model_name
     result["data"] = str(Path(data_path))

@@ -10,11 +10,11 @@ from typing import Any
 
 import click
 
-from pipeline.cli import emit_json, fail
+from pipeline.cli import EXIT_FAILED, EXIT_INVALID, emit_json, fail
+from pipeline.runtime_options import device_option, dtype_option, n_iter_option, threshold_option
 from pipeline.schema import EditRequest, scan_edit_file
 from pipeline.store_commands import keep_checkpoints_option
-from pipeline.model_options import prompt_format_option
-from workers.model_options import model_option, module_path_option
+from pipeline.model_options import model_option, module_path_option
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def model_options(f):
         model_option("model"),
         click.option("--store", "store_path", default=None, help=STORE_HELP),
         click.option("--name", default="default", show_default=True, help="memory name"),
-        click.option("--device", default="cpu", show_default=True),
-        click.option("--dtype", default=None, help="model dtype (float32, bfloat16, float16); W_m stays fp32"),
+        device_option(),
+        dtype_option(),
     ]):
         f = option(f)
     return f
@@ -66,7 +66,7 @@ def _open_runtime(**kwargs: Any):
     try:
         return Runtime.open(**kwargs)
     except (MemoryMismatchError, ConfigError, StoreError, OSError, ValueError, UnknownArchitectureError) as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_INVALID)
 
 
 @click.command("apply")
@@ -75,20 +75,20 @@ def _open_runtime(**kwargs: Any):
               help="JSONL of zsRE records or {prompt, target, rephrases, id, metadata, replaces} objects")
 @click.option("--layer", type=int, default=None, help="edited layer (a new memory only)")
 @click.option("--top-k", "top_k", type=int, default=None, help="columns per edit (a new memory only)")
+@threshold_option()
+@n_iter_option()
 @module_path_option
-@prompt_format_option
 @keep_checkpoints_option
 @click.option("--json", "as_json", is_flag=True,
               help='last line: {"applied", "failed", "skipped", "ids", "superseded", ...}')
 def apply(model: str, store_path: str | None, name: str, device: str, dtype: str | None, file: Path,
-          layer: int | None, top_k: int | None, module_path: str | None, keep_checkpoints: int,
-          as_json: bool,
-          prompt_format: str | None = None) -> None:
+          layer: int | None, top_k: int | None, threshold: float | None, n_iter: int | None,
+          module_path: str | None, keep_checkpoints: int, as_json: bool) -> None:
     """Apply the edits of FILE in-process, straight into the store (no Redis): offline bulk import.
 
     Lines without an id get one from their content, so applying a file twice applies each
-    edit once; lines that are not requests are reported and skipped, and like failed edits
-    they make the exit status non-zero. `ids` are the ledger
+    edit once; lines that are not valid requests are reported and skipped (exit status 2 when
+    nothing else went wrong); a failed edit makes it 1. `ids` are the ledger
     ids of the file's edits (applied, failed or already there). A line with `replaces` rolls
     the edit it names back once it is applied (`superseded`: the ids rolled back); one naming
     no live edit fails and changes nothing."""
@@ -99,9 +99,14 @@ def apply(model: str, store_path: str | None, name: str, device: str, dtype: str
     requests, problems = read_requests(file, name)
     for problem in problems:
         click.echo(f"skipped {problem}", err=True)
+    config = None
+    if n_iter is not None:
+        from memoir import MemoirConfig
+
+        config = MemoirConfig(n_iter=n_iter)
     runtime = _open_runtime(model=model, store=store_path, name=name, layer=layer, top_k=top_k, device=device,
-                            dtype=dtype, module_path=module_path, keep_checkpoints=keep_checkpoints,
-                            prompt_format=prompt_format)
+                            dtype=dtype, threshold=threshold, config=config, module_path=module_path,
+                            keep_checkpoints=keep_checkpoints)
     counts = {"applied": 0, "failed": 0, "skipped": len(problems)}
     ids: list[int] = []
     superseded: list[int] = []
@@ -138,8 +143,10 @@ def apply(model: str, store_path: str | None, name: str, device: str, dtype: str
     else:
         click.echo(f"applied {counts['applied']}, failed {counts['failed']}, skipped {counts['skipped']} "
                    f"(memory {name!r} in {runtime.store.location})")
-    if problems or counts["failed"]:
-        sys.exit(1)  # the valid edits are in; the exit status says that not all of the file was
+    if counts["failed"]:
+        sys.exit(EXIT_FAILED)  # the other edits are in; the exit status says that not all of the file was
+    if problems:
+        sys.exit(EXIT_INVALID)  # invalid lines skipped: the valid edits are in
 
 
 @click.command("generate")
@@ -152,7 +159,7 @@ def generate(model: str, store_path: str | None, name: str, device: str, dtype: 
              max_new_tokens: int, as_json: bool, prompts: tuple[str, ...]) -> None:
     """Answer PROMPTS (batched, greedy) with the model edited by the memory rebuilt from the store."""
     if max_new_tokens < 1:
-        fail("--max-new-tokens must be >= 1")
+        fail("--max-new-tokens must be >= 1", EXIT_INVALID)
     runtime = _open_runtime(model=model, store=store_path, name=name, device=device, dtype=dtype, readonly=True)
     try:
         if not runtime.persistent and not no_memory:

@@ -13,8 +13,9 @@ from typing import Any
 
 import click
 
-from pipeline.cli import emit_json, fail
+from pipeline.cli import EXIT_FAILED, EXIT_INVALID, EXIT_UNAVAILABLE, emit_json, fail
 from pipeline.ledger_commands import STORE_HELP, open_store
+from pipeline.runtime_options import DEVICE_HELP, device_option, dtype_option
 from pipeline.model_options import MODEL_HELP, model_option
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ def served_by_worker(store, name: str) -> bool:
     return False
 
 
-def _open_runtime(store_path: str | None, name: str, model: str | None, device: str, readonly: bool = False):
+def _open_runtime(store_path: str | None, name: str, model: str | None, device: str, readonly: bool = False,
+                  dtype: str | None = None):
     from memoir import ConfigError, MemoryMismatchError
     from store import StoreError, WriterLockedError
     from workers.runtime import Runtime
@@ -41,22 +43,27 @@ def _open_runtime(store_path: str | None, name: str, model: str | None, device: 
         if model is None:
             with open_store(store_path) as store:
                 model = store.get_memory(name).model_id
-        return Runtime.open(model, store=store_path, name=name, device=device, readonly=readonly)
+        return Runtime.open(model, store=store_path, name=name, device=device, dtype=dtype, readonly=readonly)
     except WriterLockedError as exc:
         fail(f"a worker took memory {name!r} meanwhile ({exc}); run the command again to queue the rollback")
     except (MemoryMismatchError, ConfigError, StoreError, OSError, ValueError) as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_INVALID)
 
 
-def _combined(summaries: list[dict[str, Any]], single: bool) -> dict[str, Any]:
-    """One summary for several rollbacks: ids, checked and replayed as lists, seconds summed."""
-    if single:
-        return summaries[0]
-    checked = sorted({i for s in summaries for i in s.get("checked") or []})
-    replayed = sorted({i for s in summaries for i in s.get("replayed") or []})
-    seconds = round(sum(s.get("seconds") or 0.0 for s in summaries), 4)
-    return {"rolled_back": [s["rolled_back"] for s in summaries], "checked": checked, "replayed": replayed,
-            "seconds": seconds}
+def rollback_json(ids: list[int], single: bool, summaries: list[dict[str, Any]] | None, via: str,
+                  request_ids: list[str] | None = None) -> dict[str, Any]:
+    """`rollback --json`, one shape whatever the path (in-process, through the worker's queue,
+    waited for or not): `rolled_back` (the edit id when an EDIT was given, else the list),
+    `edits` (always the list), `checked`/`replayed` (sorted ids; null while queued), `seconds`
+    (summed; null while queued), `status` ("done" or "queued"), `via` ("in-process" or
+    "worker"), `request_ids` (the queued rollbacks' ids; [] in-process)."""
+    done = summaries is not None
+    checked = sorted({i for s in summaries for i in s.get("checked") or []}) if done else None
+    replayed = sorted({i for s in summaries for i in s.get("replayed") or []}) if done else None
+    seconds = round(sum(s.get("seconds") or 0.0 for s in summaries), 4) if done else None
+    return {"rolled_back": ids[0] if single else list(ids), "edits": list(ids), "checked": checked,
+            "replayed": replayed, "seconds": seconds, "status": "done" if done else "queued", "via": via,
+            "request_ids": list(request_ids or [])}
 
 
 def _describe(summary: dict[str, Any]) -> str:
@@ -73,17 +80,20 @@ def _describe(summary: dict[str, Any]) -> str:
 @click.option("--reason", default=None, help="why (recorded in the ledger)")
 @click.option("--exact", is_flag=True, help="rebuild as if the edit had never been applied (re-trains later edits)")
 @click.option("--wait", is_flag=True, help="when a worker serves the memory: wait for the outcome")
-@click.option("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+@click.option("--timeout", type=click.FloatRange(min=0), default=600.0, show_default=True,
+              help="with --wait: give up after this many seconds (exit status 3; 0: wait for ever)")
 @click.option("--yes", "-y", is_flag=True, help="do not ask before retracting edits matched by --prompt/--subject")
 @click.option("--json", "as_json", is_flag=True,
-              help='last line: {"rolled_back", "checked", "replayed", "seconds"}')
+              help='last line: {"rolled_back", "edits", "checked", "replayed", "seconds", "status", "via", '
+                   '"request_ids"}, the same whatever the path')
 @click.option("--store", "store_path", default=None, help=STORE_HELP)
 @click.option("--name", default="default", show_default=True, help="memory name")
 @model_option("model", required=False, help=f"in-process: {MODEL_HELP} (default: the memory's model)")
-@click.option("--device", default="cpu", show_default=True, help="in-process: torch device")
+@device_option(help=f"in-process: {DEVICE_HELP}")
+@dtype_option(help="in-process: the model weights' dtype (W_m stays float32)")
 def rollback(edit: str | None, prompt: str | None, subject: str | None, reason: str | None, exact: bool,
              wait: bool, timeout: float | None, yes: bool, as_json: bool, store_path: str | None, name: str,
-             model: str | None, device: str) -> None:
+             model: str | None, device: str, dtype: str | None) -> None:
     """Take edit EDIT (ledger id or request id) out of the memory, or the live edits matching
     --prompt/--subject. The edits sharing its columns are checked, and those it made worse are
     replayed. Unknown, failed or already rolled-back edits are refused and nothing changes."""
@@ -100,9 +110,10 @@ def rollback(edit: str | None, prompt: str | None, subject: str | None, reason: 
                 targets = matching_edits(store, name, prompt, subject)
             served = served_by_worker(store, name)
         except (RollbackError, StoreError, KeyError) as exc:
-            fail(str(exc))
+            fail(str(exc), EXIT_INVALID)
     if not targets:
-        fail(f"no live edit of memory {name!r} has that {'prompt' if prompt is not None else 'subject'}")
+        fail(f"no live edit of memory {name!r} has that {'prompt' if prompt is not None else 'subject'}",
+             EXIT_INVALID)
     if edit is None:
         click.echo(f"{len(targets)} live edit(s) match:", err=True)
         for e in targets:
@@ -110,27 +121,26 @@ def rollback(edit: str | None, prompt: str | None, subject: str | None, reason: 
         if not (yes or as_json) and not click.confirm("roll them back?", err=True):
             fail("nothing was rolled back")
     reason = reason or ("retracted" if edit is None else None)
+    ids = [e.id for e in targets]
     if served:
-        summaries = _through_queue([e.id for e in targets], reason, exact, name, wait, timeout, as_json)
+        summaries, request_ids = _through_queue(ids, reason, exact, name, wait, timeout, as_json)
     else:
-        summaries = _in_process([e.id for e in targets], reason, exact, store_path, name, model, device, as_json)
-    if summaries is None:
-        return
+        summaries, request_ids = _in_process(ids, reason, exact, store_path, name, model, device, dtype, as_json), []
     if as_json:
-        emit_json(_combined(summaries, edit is not None))
-    else:
+        emit_json(rollback_json(ids, edit is not None, summaries, "worker" if served else "in-process", request_ids))
+    elif summaries is not None:
         for summary in summaries:
             click.echo(_describe(summary))
 
 
 def _in_process(ids: list[int], reason: str | None, exact: bool, store_path: str | None, name: str,
-                model: str | None, device: str, as_json: bool) -> list[dict[str, Any]]:
+                model: str | None, device: str, dtype: str | None, as_json: bool) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     from store import StoreError
     from workers.rollback import RollbackError, continue_rollback, start_rollback
 
-    runtime = _open_runtime(store_path, name, model, device)
+    runtime = _open_runtime(store_path, name, model, device, dtype=dtype)
     summaries = []
     try:
         for edit_id in ids:
@@ -153,31 +163,34 @@ def _in_process(ids: list[int], reason: str | None, exact: bool, store_path: str
 
 
 def _through_queue(ids: list[int], reason: str | None, exact: bool, name: str, wait: bool,
-                   timeout: float | None, as_json: bool) -> list[dict[str, Any]] | None:
+                   timeout: float | None, as_json: bool) -> tuple[list[dict[str, Any]] | None, list[str]]:
+    """(summaries, request ids): summaries None when the rollbacks were only queued."""
     from pipeline.client import BrokerError, Client, RequestError, WaitTimeout
 
     client = Client()
     try:
         handles = [client.rollback(edit_id, reason=reason, exact=exact, name=name) for edit_id in ids]
-    except (RequestError, BrokerError) as exc:
-        fail(str(exc))
+    except RequestError as exc:
+        fail(str(exc), EXIT_INVALID)
+    except BrokerError as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    request_ids = [h.request_id for h in handles]
     if not wait:
         for handle in handles:
             click.echo(f"a worker serves memory {name!r}: rollback queued as {handle.request_id} "
                        f"(`memoir status {handle.request_id}`)", err=as_json)
-        if as_json:
-            emit_json({"rolled_back": ids[0] if len(ids) == 1 else ids, "checked": None, "replayed": None,
-                       "seconds": None, "status": "queued", "request_ids": [h.request_id for h in handles]})
-        return None
+        return None, request_ids
     try:
-        records = client.wait([h.request_id for h in handles], timeout=timeout)
-    except (WaitTimeout, BrokerError) as exc:
-        fail(str(exc))
+        records = client.wait(request_ids, timeout=timeout or None)
+    except WaitTimeout as exc:
+        fail(f"timed out: {exc} (the rollbacks stay queued: `memoir status ID`)", EXIT_UNAVAILABLE)
+    except BrokerError as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
     failed = [r for r in records.values() if r.get("status") != "done"]
     if failed:
-        fail("; ".join(f"rollback {r['request_id']} failed: {r.get('reason')}" for r in failed))
+        fail("; ".join(f"rollback {r['request_id']} failed: {r.get('reason')}" for r in failed), EXIT_FAILED)
     return [{k: records[h.request_id].get(k) for k in ("rolled_back", "checked", "replayed", "seconds")}
-            for h in handles]
+            for h in handles], request_ids
 
 
 @click.command("replay")
@@ -190,9 +203,10 @@ def _through_queue(ids: list[int], reason: str | None, exact: bool, name: str, w
 @click.option("--json", "as_json", is_flag=True, help="last line: the replay report as one JSON object")
 @click.option("--store", "store_path", default=None, help=STORE_HELP)
 @model_option("model", required=False, help=f"retrain: {MODEL_HELP} (default: the memory's model)")
-@click.option("--device", default="cpu", show_default=True, help="retrain: torch device")
+@device_option(help=f"retrain: {DEVICE_HELP}")
+@dtype_option(help="retrain: the model weights' dtype (W_m stays float32)")
 def replay(from_seq: int, name: str, mode: str, as_json: bool, store_path: str | None, model: str | None,
-           device: str) -> None:
+           device: str, dtype: str | None) -> None:
     """Rebuild W_m and the index from the ledger and verify them against the stored memory.
 
     Changes no memory (it may run beside a worker). Exit status 1 when they differ: after
@@ -202,14 +216,14 @@ def replay(from_seq: int, name: str, mode: str, as_json: bool, store_path: str |
     from workers.rollback import RollbackError
     from workers.replay import replay as run_replay
 
-    runtime = _open_runtime(store_path, name, model, device, readonly=True) if mode == "retrain" else None
+    runtime = _open_runtime(store_path, name, model, device, readonly=True, dtype=dtype) if mode == "retrain" else None
     store = runtime.store if runtime is not None else open_store(store_path)
     try:
         if runtime is not None and not runtime.persistent:
-            fail(f"no memory {name!r} in {store.location}")
+            fail(f"no memory {name!r} in {store.location}", EXIT_INVALID)
         report, _ = run_replay(store, name, from_seq, mode, runtime.editor if runtime else None)
     except (RollbackError, StoreError, KeyError) as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_INVALID)
     finally:
         (runtime or store).close()
     if as_json:

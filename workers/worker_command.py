@@ -15,9 +15,9 @@ import sys
 
 import click
 
-from pipeline.cli import fail
+from pipeline.cli import EXIT_INVALID, EXIT_UNAVAILABLE, fail
+from pipeline.runtime_options import device_option, dtype_option, n_iter_option, threshold_option
 from pipeline.store_commands import keep_checkpoints_option
-from pipeline.model_options import prompt_format_option
 from pipeline.logs import log_format_option
 from pipeline.model_options import model_option, module_path_option
 
@@ -35,14 +35,11 @@ log = logging.getLogger(__name__)
               help="Tensor directory or s3://bucket/prefix (default <store>/tensors, $MEMOIR_TENSORS).")
 @click.option("--layer", type=int, default=None, help="Edited layer (new memory; must match a stored one).")
 @click.option("--top-k", type=int, default=None, help="Mask size k (new memory; must match a stored one).")
-@click.option("--threshold", type=float, default=None,
-              help="Retrieval threshold: least mask overlap for a prompt to use the memory (new memory; default: fitted to the model, see BENCHMARKS.md).")
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
-@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Model dtype (W_m stays float32).")
-@click.option("--n-iter", type=int, default=None, help="Optimisation steps per edit (new memory only).")
+@threshold_option()
+@device_option()
+@dtype_option()
+@n_iter_option()
 @module_path_option
-@prompt_format_option
 @click.option("--lock-wait", type=float, default=0.0, show_default=True,
               help="Seconds to wait for another worker's writer lock before giving up.")
 @keep_checkpoints_option
@@ -56,8 +53,7 @@ log = logging.getLogger(__name__)
 def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str | None, layer: int | None,
            top_k: int | None, threshold: float | None, device: str, dtype: str | None, n_iter: int | None,
            module_path: str | None, lock_wait: float, keep_checkpoints: int, loglevel: str, log_format: str,
-           metrics_port: int, metrics_host: str, events: bool,
-           prompt_format: str | None = None) -> None:
+           metrics_port: int, metrics_host: str, events: bool) -> None:
     """Serve memory NAME: apply the edits of queue memoir.<NAME> serially into the store."""
     from pipeline import logs
 
@@ -72,10 +68,10 @@ def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str |
     try:
         check_name(name)
     except RequestError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_INVALID)
     url = settings.redis_url()
     if not answers(url, timeout=5):
-        fail(f"no Redis answers at {settings.redact(url)} (set MEMOIR_REDIS_URL)")
+        fail(f"no Redis answers at {settings.redact(url)} (set MEMOIR_REDIS_URL)", EXIT_UNAVAILABLE)
 
     from memoir import ConfigError, MemoirConfig, MemoryMismatchError, UnknownArchitectureError
     from memoir.sources import resolve_model
@@ -87,7 +83,7 @@ def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str |
     try:
         store = MirroringStore.open(store_path, tensor_dir)
     except StoreError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_INVALID)
     runtime = None
     presence = None
     try:
@@ -96,8 +92,7 @@ def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str |
         config = MemoirConfig(n_iter=n_iter) if n_iter is not None else None
         runtime = Runtime.open(model_name, store=store, name=name, layer=layer, top_k=top_k, device=device,
                                dtype=dtype, threshold=threshold, config=config, lock_wait=lock_wait,
-                               module_path=module_path, keep_checkpoints=keep_checkpoints,
-                               prompt_format=prompt_format)
+                               module_path=module_path, keep_checkpoints=keep_checkpoints)
         redis_client = settings.redis_client(url)
         board = StatusBoard(redis_client, name)
         store.board = board
@@ -138,7 +133,7 @@ def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str |
     except WriterLockedError as exc:
         fail(f"refusing to start: {exc}")
     except (StoreError, ConfigError, MemoryMismatchError, UnknownArchitectureError) as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_INVALID)
     finally:
         if presence is not None:
             presence.stop()
