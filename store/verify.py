@@ -15,6 +15,7 @@ and committing it; the edit is redone), leftover temp files, queued/applying edi
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,9 @@ if TYPE_CHECKING:
 
 class _Files:
     """Reads tensor files, checks their hashes, reports each bad file once. Nothing is cached:
-    on a large model the deltas do not fit in memory together."""
+    on a large model the deltas do not fit in memory together, so each is read once where it can be
+    (the sum of the applied deltas is taken while their masks are checked), and masks are kept as
+    16-byte digests of the ledger's bitmaps, never as lists of columns: memory stays O(d·D + N)."""
 
     def __init__(self, store: "Store", report: VerifyReport, prefix: str) -> None:
         self.store, self.report, self.prefix = store, report, prefix
@@ -63,6 +66,22 @@ def _dense(tensors: dict[str, np.ndarray]) -> np.ndarray:
     if "dense" in tensors:
         return tensors["dense"].astype(np.float32)
     return tensors["g"].astype(np.float32) @ tensors["a"].astype(np.float32).T
+
+
+def _bitmap(columns: np.ndarray, size: int) -> bytes:
+    """k column indices → the ledger's D-bit little-endian bitmap (store.records.encode_mask);
+    b"" for columns outside 0..size-1 (they differ from every ledger mask)."""
+    columns = np.asarray(columns).astype(np.int64).ravel()
+    if columns.size and (columns.min() < 0 or columns.max() >= size):
+        return b""
+    bits = np.zeros(size, dtype=np.bool_)
+    bits[columns] = True
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def _key(bitmap: bytes) -> bytes:
+    """16 bytes standing for a mask (its bitmap's digest), to count and compare masks in little memory."""
+    return hashlib.blake2b(bytes(bitmap), digest_size=16).digest()
 
 
 def _close(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> tuple[bool, float]:
@@ -106,7 +125,9 @@ def _verify_memory(store: "Store", memory: Any, live: "MemoryState | None", repo
         errors.append(f"{prefix}sequence numbers are not 1..{len(seqs)} without gaps (rows deleted?)")
 
     applied: list[EditRecord] = []
-    file_masks: dict[int, tuple[int, ...]] = {}
+    file_masks: dict[int, bytes] = {}  # edit id -> the key of the mask in its delta file
+    shape = (memory.hidden_size, memory.intermediate_size)
+    total = np.zeros(shape, dtype=np.float32)  # W_m: the sum of the applied deltas, from zero
     for edit in edits:
         what = f"edit {edit.id} (seq {edit.seq})"
         _check_status(edit, events[edit.id], memory, prefix + what, errors, warnings)
@@ -117,23 +138,18 @@ def _verify_memory(store: "Store", memory: Any, live: "MemoryState | None", repo
             tensors = files.load(edit.delta_file, edit.delta_sha256, what)
             report.checked["delta_files"] += 1
             if tensors is not None:
-                mask = tuple(int(c) for c in tensors["mask"].tolist())
-                file_masks[edit.id] = mask
-                if edit.mask is not None and tuple(edit.mask) != mask:
+                bitmap = _bitmap(tensors["mask"], memory.intermediate_size)
+                file_masks[edit.id] = _key(bitmap)
+                if edit.mask_bits is not None and bytes(edit.mask_bits) != bitmap:
                     errors.append(f"{prefix}{what}: the ledger's mask differs from the mask in its delta file")
-                _check_shapes(tensors, memory, prefix + what, errors)
+                if _check_shapes(tensors, memory, prefix + what, errors) and edit.status == APPLIED:
+                    total[:, tensors["mask"].astype(np.int64)] += _dense(tensors)
     applied.sort(key=lambda e: e.applied_version or 0)
     report.checked["applied"] += len(applied)
     if applied and (applied[-1].applied_version or 0) > memory.version:
         errors.append(f"{prefix}an edit's version is above the memory's version {memory.version}")
 
-    # W_m: the sum of the applied deltas, from zero, vs what loading rebuilds from the newest checkpoint.
-    shape = (memory.hidden_size, memory.intermediate_size)
-    total = np.zeros(shape, dtype=np.float32)
-    for edit in applied:
-        tensors = files.load(edit.delta_file, edit.delta_sha256, f"edit {edit.id}") if edit.delta_file else None
-        if tensors is not None and tensors["mask"].size:
-            total[:, tensors["mask"].astype(np.int64)] += _dense(tensors)
+    # W_m: the sum of the applied deltas (above) vs what loading rebuilds from the newest checkpoint.
     checkpoints = store.checkpoints(name)
     report.checked["checkpoints"] += len(checkpoints)
     tensors, members = None, None
@@ -158,8 +174,8 @@ def _verify_memory(store: "Store", memory: Any, live: "MemoryState | None", repo
                           f"{len(applied)} applied deltas (max |difference| {diff:.3g})")
 
     # The index: the applied edits' masks, each distinct mask with the count of edits using it.
-    ledger_masks = {e.id: tuple(e.mask) for e in applied if e.mask is not None}
-    missing = [e.id for e in applied if e.mask is None]
+    ledger_masks = {e.id: _key(e.mask_bits) for e in applied if e.mask_bits is not None}
+    missing = [e.id for e in applied if e.mask_bits is None]
     if missing:
         errors.append(f"{prefix}applied edits without a mask: {missing}")
     usage = Counter(ledger_masks.values())
@@ -184,8 +200,8 @@ def _check_status(edit: EditRecord, kinds: list[str], memory: Any, what: str, er
                    if getattr(edit, f) is None]
         if lacking:
             errors.append(f"{what} is {edit.status} but has no {', '.join(lacking)}")
-        elif edit.mask_size != memory.top_k or len(edit.mask) != memory.top_k:
-            errors.append(f"{what}: its mask has {len(edit.mask)} columns, the memory's k is {memory.top_k}")
+        elif edit.mask_size != memory.top_k or _columns(edit.mask_bits) != memory.top_k:
+            errors.append(f"{what}: its mask has {_columns(edit.mask_bits)} columns, the memory's k is {memory.top_k}")
         if APPLIED not in kinds:
             errors.append(f"{what} is {edit.status} but the event log has no 'applied' event for it")
     if edit.status == ROLLED_BACK:
@@ -195,7 +211,11 @@ def _check_status(edit: EditRecord, kinds: list[str], memory: Any, what: str, er
         errors.append(f"{what} failed without a reason")
 
 
-def _check_shapes(tensors: dict[str, np.ndarray], memory: Any, what: str, errors: list[str]) -> None:
+def _columns(bitmap: bytes) -> int:
+    return int.from_bytes(bitmap, "little").bit_count()
+
+
+def _check_shapes(tensors: dict[str, np.ndarray], memory: Any, what: str, errors: list[str]) -> bool:
     d, k = memory.hidden_size, memory.top_k
     if "dense" in tensors:
         ok = tensors["dense"].shape == (d, k)
@@ -206,6 +226,7 @@ def _check_shapes(tensors: dict[str, np.ndarray], memory: Any, what: str, errors
     ok = ok and mask.shape == (k,) and bool(((mask >= 0) & (mask < memory.intermediate_size)).all())
     if not ok:
         errors.append(f"{what}: its delta file does not have the memory's shapes (d={d}, k={k})")
+    return ok
 
 
 def _rebuild(store: "Store", name: str, files: _Files, newest: Any, tensors: dict[str, np.ndarray],
@@ -217,7 +238,7 @@ def _rebuild(store: "Store", name: str, files: _Files, newest: Any, tensors: dic
     if weight.shape != shape:
         errors.append(f"{prefix}checkpoint v{newest.version} has W_m of shape {weight.shape}, not {shape}")
         return None
-    index = dict(zip(tensors["mask_edit_ids"].tolist(), (tuple(m) for m in tensors["masks"].tolist())))
+    index = dict(zip(tensors["mask_edit_ids"].tolist(), (_key(_bitmap(m, shape[1])) for m in tensors["masks"])))
     if set(index) != set(members):
         errors.append(f"{prefix}checkpoint v{newest.version}: its index holds edits {sorted(index)}, "
                       f"its list of deltas {sorted(members)}")
@@ -225,12 +246,12 @@ def _rebuild(store: "Store", name: str, files: _Files, newest: Any, tensors: dic
     wrong = []
     for edit_id, mask in index.items():  # each held mask vs the mask of the delta the checkpoint holds
         sha, edit = members.get(edit_id), by_id.get(edit_id)
-        if edit is not None and edit.delta_sha256 == sha and edit.mask is not None:
-            held = tuple(edit.mask)
+        if edit is not None and edit.delta_sha256 == sha and edit.mask_bits is not None:
+            held = _key(edit.mask_bits)
         else:  # replayed since: its old delta file has the mask
             delta = files.load(store.delta_key(name, sha), sha,
                                f"delta of edit {edit_id} in checkpoint v{newest.version}") if sha else None
-            held = tuple(int(c) for c in delta["mask"].tolist()) if delta is not None else mask
+            held = _key(_bitmap(delta["mask"], shape[1])) if delta is not None else mask
         if held != mask:
             wrong.append(edit_id)
     if wrong:
@@ -249,19 +270,30 @@ def _rebuild(store: "Store", name: str, files: _Files, newest: Any, tensors: dic
     return weight
 
 
-def _check_live(live: "MemoryState", total: np.ndarray, ledger_masks: dict[int, tuple[int, ...]],
+def _check_live(live: "MemoryState", total: np.ndarray, ledger_masks: dict[int, bytes],
                 usage: Counter, prefix: str, report: VerifyReport, atol: float, rtol: float) -> None:
     weight = live.weight.detach().cpu().float().numpy()
     ok, diff = _close(weight, total, atol, rtol)
     report.checked["live_max_abs_diff"] = diff
     if not ok:
         report.errors.append(f"{prefix}the live W_m differs from the sum of the applied deltas (max |difference| {diff:.3g})")
-    live_masks = {int(i): tuple(int(c) for c in m.tolist()) for i, m in live.masks.items()}
+    live_masks = _live_keys(live)
     if set(live_masks) != set(ledger_masks):
         report.errors.append(f"{prefix}the live index holds edits {sorted(live_masks)}, the ledger applied "
                              f"{sorted(ledger_masks)}")
     elif live_masks != ledger_masks or Counter(live_masks.values()) != usage:
         report.errors.append(f"{prefix}the live index's masks (or their use counts) differ from the ledger's")
+
+
+def _live_keys(live: "MemoryState") -> dict[int, bytes]:
+    """{edit id: mask key} of a running memory's index: from its packed words as they are (the same
+    bytes as the ledger's bitmaps), or from columns."""
+    size = live.model.intermediate_size
+    words = getattr(live.masks, "words", None)
+    if words is not None:  # memoir.tophash.PackedMasks
+        raw = words.numpy().view(np.uint8)[:, : (size + 7) // 8]
+        return {int(i): _key(raw[n].tobytes()) for n, i in enumerate(live.masks.ids)}
+    return {int(i): _key(_bitmap(m.numpy(), size)) for i, m in live.masks.items()}
 
 
 def _orphans(store: "Store", name: str, referenced: set[str], prefix: str, warnings: list[str]) -> None:
