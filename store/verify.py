@@ -84,6 +84,13 @@ def _key(bitmap: bytes) -> bytes:
     return hashlib.blake2b(bytes(bitmap), digest_size=16).digest()
 
 
+def _dense_t(tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """The delta's transpose (k × d), as cheaply as it comes."""
+    if "dense" in tensors:
+        return np.asarray(tensors["dense"], dtype=np.float32).T
+    return np.asarray(tensors["a"], dtype=np.float32) @ np.asarray(tensors["g"], dtype=np.float32).T
+
+
 def _close(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> tuple[bool, float]:
     diff = float(np.abs(a - b).max()) if a.size else 0.0
     scale = float(np.abs(b).max()) if b.size else 0.0
@@ -113,11 +120,13 @@ def _verify_memory(store: "Store", memory: Any, live: "MemoryState | None", repo
     edits = store.edits(name)
     events: dict[int | None, list[str]] = defaultdict(list)
     referenced: set[str] = set()
-    for event in store.events(name=name):
-        events[event.edit_id].append(event.kind)
+    Event = store.t.Event  # (edit, kind, detail) rows only: no record objects for 3 events an edit
+    for edit_id, kind, detail in (Event.select(Event.edit, Event.kind, Event.detail)
+                                  .where(Event.memory == memory.id).order_by(Event.id).tuples()):
+        events[edit_id].append(kind)
         for key in ("delta_file", "old_delta_file"):
-            if event.detail.get(key):
-                referenced.add(event.detail[key])
+            if (detail or {}).get(key):
+                referenced.add(detail[key])
     report.checked["edits"] += len(edits)
 
     seqs = [e.seq for e in edits]
@@ -127,7 +136,8 @@ def _verify_memory(store: "Store", memory: Any, live: "MemoryState | None", repo
     applied: list[EditRecord] = []
     file_masks: dict[int, bytes] = {}  # edit id -> the key of the mask in its delta file
     shape = (memory.hidden_size, memory.intermediate_size)
-    total = np.zeros(shape, dtype=np.float32)  # W_m: the sum of the applied deltas, from zero
+    total_t = np.zeros(shape[::-1], dtype=np.float32)  # W_mᵀ: the sum of the applied deltas, from zero
+    # (transposed, so that an edit's k columns are k contiguous rows: 4x faster to add than columns)
     for edit in edits:
         what = f"edit {edit.id} (seq {edit.seq})"
         _check_status(edit, events[edit.id], memory, prefix + what, errors, warnings)
@@ -143,13 +153,14 @@ def _verify_memory(store: "Store", memory: Any, live: "MemoryState | None", repo
                 if edit.mask_bits is not None and bytes(edit.mask_bits) != bitmap:
                     errors.append(f"{prefix}{what}: the ledger's mask differs from the mask in its delta file")
                 if _check_shapes(tensors, memory, prefix + what, errors) and edit.status == APPLIED:
-                    total[:, tensors["mask"].astype(np.int64)] += _dense(tensors)
+                    total_t[tensors["mask"].astype(np.int64)] += _dense_t(tensors)
     applied.sort(key=lambda e: e.applied_version or 0)
     report.checked["applied"] += len(applied)
     if applied and (applied[-1].applied_version or 0) > memory.version:
         errors.append(f"{prefix}an edit's version is above the memory's version {memory.version}")
 
     # W_m: the sum of the applied deltas (above) vs what loading rebuilds from the newest checkpoint.
+    total = total_t.T
     checkpoints = store.checkpoints(name)
     report.checked["checkpoints"] += len(checkpoints)
     tensors, members = None, None

@@ -5,7 +5,7 @@ captured once per process (`ActivationCache`, memory off: nothing upstream of th
 on W_m), so a rollback scores hundreds of edits — which of their target tokens the memory as it
 stands predicts right, with retrieval as at inference — running only the layers after the edited
 one (memoir.fastpath); other architectures score with batched full forwards. `warm` captures
-every live edit's activations when a worker starts.
+the newest live edits' activations when a worker starts (a bounded number: restarts stay fast).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from workers.runtime import Runtime
 
 GROUP_SIZE = 64  # prompts captured per forward by the activation cache
+WARM_EDITS = 256  # live edits a starting worker captures (`warm`): the newest ones
 
 
 @dataclass
@@ -166,11 +167,17 @@ def activation_cache(editor: Editor) -> ActivationCache:
     return cache
 
 
-def warm(runtime: "Runtime") -> int:
-    """Capture the activations of every live edit now (e.g. when a worker starts), so that the
-    first rollback pays only for scoring; returns how many were captured."""
-    return activation_cache(runtime.editor).ensure_ids(runtime.store, runtime.name,
-                                                      list(runtime.store.applied_masks(runtime.name)))
+def warm(runtime: "Runtime", limit: int | None = WARM_EDITS) -> int:
+    """Capture the activations of the newest `limit` live edits now (None: every one), e.g. when a
+    worker starts, so that the first rollback pays mostly for scoring; returns how many were captured.
+
+    Bounded because a capture is a forward pass per 64 edits: on SmolLM2 ~0.1 s an edit on this
+    CPU, minutes at 10 000 edits, before the worker could take its first request (BENCHMARKS.md,
+    Scale). A rollback captures the edits it needs and lacks (`ActivationCache.ensure_ids`)."""
+    ids = list(runtime.store.applied_masks(runtime.name))  # in the order they were applied
+    if limit is not None:
+        ids = ids[len(ids) - limit :] if 0 < limit < len(ids) else ids if limit > 0 else []
+    return activation_cache(runtime.editor).ensure_ids(runtime.store, runtime.name, ids)
 
 
-__all__ = ["GROUP_SIZE", "ActivationCache", "activation_cache", "warm"]
+__all__ = ["GROUP_SIZE", "WARM_EDITS", "ActivationCache", "activation_cache", "warm"]
