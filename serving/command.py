@@ -16,9 +16,10 @@ import sys
 
 import click
 
-from pipeline.cli import fail
+from pipeline.cli import EXIT_INVALID, fail
 from pipeline.logs import log_format_option
 from pipeline.model_options import model_option
+from pipeline.runtime_options import device_option, dtype_option
 
 READY_PREFIX = "memoir serve ready:"
 LISTENING_PREFIX = "memoir serve listening:"
@@ -37,9 +38,8 @@ log = logging.getLogger(__name__)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: a free one).")
 @click.option("--at-seq", type=click.IntRange(min=0), default=None,
               help="Serve the memory as it was at this ledger sequence number, and never move.")
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
-@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Model dtype (W_m stays float32).")
+@device_option()
+@dtype_option()
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Sequences generated together.")
 @click.option("--batch-wait", type=click.FloatRange(min=0), default=0.005, show_default=True,
@@ -76,7 +76,7 @@ def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | 
     try:
         keys = Keys.from_options(api_keys)
     except KeyConfigError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_INVALID)
     warning = exposure_warning(host, keys)
     if warning is not None:
         click.echo(warning, err=True)

@@ -91,7 +91,7 @@ def test_serve_warns_on_an_exposed_host_without_keys_and_refuses_bad_keys(traine
     assert "no API key" not in keyed.stderr + local.stderr and "no store at" in keyed.stderr + local.stderr
     secret = "topsecret" + secrets.token_hex(8)
     bad = _serve_briefly("--api-key", f"{secret}:admin", env=env)
-    assert bad.returncode != 0 and "--api-key #1: the part after the last ':' must be ro or rw" in bad.stderr
+    assert bad.returncode == 2 and "--api-key #1: the part after the last ':' must be ro or rw" in bad.stderr
     assert secret not in bad.stderr + bad.stdout and "listening" not in bad.stdout
 
 
@@ -241,7 +241,7 @@ def test_keys_guard_every_v1_route_and_writes_need_a_read_write_key(stack, zsre)
             assert error_of(refused, 403)["code"] == "insufficient_permissions"
         else:
             assert http.request(method, path, json=body, headers=RO).status_code == 200, (method, path)
-    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
         assert http.get(path).status_code == 200, path
     assert http.post("/v1/completions", json={"prompt": "hi"}, headers={"authorization": f"bearer {RW_KEY}"}).is_success
     # nothing refused reached the queue or the ledger
