@@ -214,8 +214,20 @@ def test_echo_streams_the_prompt_first(stack, zsre):
 
     chunks = [json.loads(line) for line in lines[:-1]]
     text = "".join(c["choices"][0]["text"] for c in chunks)
-    plain = post(stack, "/v1/completions", {"prompt": prompt, "max_tokens": 4})["choices"][0]["text"]
+    single = post(stack, "/v1/completions", {"prompt": prompt, "max_tokens": 4})
+    plain = single["choices"][0]["text"]
     assert chunks[0]["choices"][0]["text"] == prompt and text == prompt + plain
+
+    # n streamed choices: each index's text, finished once, and the usage chunk counts the prompt once
+    with stack.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 4, "n": 2, "stream": True,
+                                                        "stream_options": {"include_usage": True}}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == index]
+        assert "".join(c["text"] for c in mine) == plain and sum(c["finish_reason"] is not None for c in mine) == 1
+    assert chunks[-1]["usage"]["prompt_tokens"] == len(stack.served.prompt_ids(prompt))
+    assert chunks[-1]["usage"]["completion_tokens"] == 2 * single["usage"]["completion_tokens"]
 
 
 def test_the_model_is_the_memory(stack):
