@@ -217,6 +217,7 @@ MODEL_COMMANDS = {
     "eval": ["--model", "builtin", "--data", "{file}"],
     "rollback": ["1", "--store", "{store}"],
     "replay": ["--store", "{store}"],
+    "serve": ["--model", "builtin", "--store", "{store}", "--port", "0"],
 }
 
 
@@ -271,3 +272,28 @@ def test_options_are_read_from_memoir_environment_variables(tmp_path, redis_url)
     explicit = memoir("ledger", "list", "--store", str(tmp_path / "other"),
                       env={"MEMOIR_LEDGER_LIST_STORE": str(missing)})
     assert f"no store at {tmp_path / 'other'}" in explicit.stderr
+
+
+# ------------------------------------------------------------------------------------- the pins
+
+
+def test_celery_and_kombu_are_the_pinned_versions_whose_internals_the_worker_patches():
+    """workers/tasks.py subclasses kombu's Redis channel and wraps private methods: pyproject.toml
+    pins celery and kombu to the tested minor versions, the installed ones satisfy the pins, and
+    the internals it relies on are there."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from kombu import transport as kombu_transport
+    from kombu.transport import redis as kombu_redis
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    pins = {Requirement(r).name: Requirement(r).specifier for r in pyproject["project"]["dependencies"]}
+    for package in ("celery", "kombu"):
+        spec = pins[package]
+        assert any(s.operator == "<" for s in spec), f"{package} is not pinned below the next minor version"
+        assert version(package) in spec, (package, version(package), str(spec))
+    assert callable(getattr(kombu_redis.Channel, "_brpop_read", None))
+    assert callable(getattr(kombu_redis.QoS, "ack", None)) and callable(getattr(kombu_redis.QoS, "reject", None))
+    assert isinstance(kombu_transport._transport_cache, dict) and "redis" in kombu_transport.TRANSPORT_ALIASES
