@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 QUEUED, APPLYING, APPLIED, FAILED, ROLLED_BACK = "queued", "applying", "applied", "failed", "rolled_back"
 STATUSES = (QUEUED, APPLYING, APPLIED, FAILED, ROLLED_BACK)
@@ -123,6 +123,16 @@ class MemoryRecord:
         out = asdict(self)
         out["created_at"] = iso(self.created_at)
         return out
+
+
+class DeltaRef(NamedTuple):
+    """A live edit as loading W_m and the index needs it (Store.applied_refs): no text, no scores."""
+
+    id: int
+    delta_file: str | None
+    delta_sha256: str | None
+    mask_bits: bytes | None
+    applied_version: int | None
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from store.records import (
     ROLLED_BACK,
     STATUSES,
     CheckpointRecord,
+    DeltaRef,
     EditRecord,
     EventRecord,
     InvalidRequestError,
@@ -583,6 +584,16 @@ class Store:
         """The live edits, in the order their current deltas entered W_m."""
         return sorted(self.edits(name, status=APPLIED), key=lambda e: e.applied_version)
 
+    def applied_refs(self, name: str) -> list[DeltaRef]:
+        """The live edits as loading needs them (id, delta file and hash, mask bitmap), in applied
+        order: one query of five columns, no record objects, no JSON fields decoded."""
+        Edit = self.t.Edit
+        rows = (Edit.select(Edit.id, Edit.delta_file, Edit.delta_sha256, Edit.mask, Edit.applied_version)
+                .where((Edit.memory == self._memory_row(name).id) & (Edit.status == APPLIED))
+                .order_by(Edit.applied_version).tuples())
+        return [DeltaRef(i, file, sha, bytes(mask) if mask is not None else None, version)
+                for i, file, sha, mask, version in rows]
+
     def applied_masks(self, name: str) -> dict[int, bytes]:
         """The live edits' masks as D-bit bitmaps (edit id -> bytes), in applied order: the index
         without reading the rest of the rows."""
@@ -691,7 +702,7 @@ class Store:
         edits = self.applied(name) if edits is None else edits
         return (checkpoint, *ckpts.plan(self.checkpoint_members(checkpoint, loaded) if checkpoint else {}, edits))
 
-    def weight_of(self, name: str, edits: Sequence[EditRecord], before_version: int | None = None) -> "torch.Tensor":
+    def weight_of(self, name: str, edits: Sequence[EditRecord | DeltaRef], before_version: int | None = None) -> "torch.Tensor":
         """W_m holding exactly `edits` (their recorded deltas, added in the order given), built on the
         newest checkpoint taken before memory version `before_version` (None: the newest; 0: none,
         from zeros). Rollback and replay rebuild a past memory with it."""
@@ -712,7 +723,7 @@ class Store:
 
         with self.snapshot():
             memory = self.get_memory(name)
-            applied = self.applied(name)
+            applied = self.applied_refs(name)
             weight = self.weight_of(name, applied)
         fixed = self.read_tensor(memory.state_file, memory.state_sha256)
         return tensors.build_state(memory.metadata, fixed, weight, {e.id: e.mask_bits for e in applied}, expect)

@@ -56,6 +56,9 @@ def test_loading_keeps_the_ledger_bitmaps_packed(tmp_path):
     assert isinstance(state.masks, PackedMasks)
     applied = store.applied("m")
     assert list(state.masks) == [e.id for e in applied]
+    refs = store.applied_refs("m")  # what loading reads: five columns of the applied rows, in applied order
+    assert [(r.id, r.delta_file, r.delta_sha256, r.mask_bits, r.applied_version) for r in refs] == \
+        [(e.id, e.delta_file, e.delta_sha256, e.mask_bits, e.applied_version) for e in applied]
     width = (D_FFN + 7) // 8
     for n, edit in enumerate(applied):  # the index's words are the ledger's bytes, zero-padded
         raw = state.masks.words[n].numpy().tobytes()
