@@ -218,6 +218,7 @@ MODEL_COMMANDS = {
     "rollback": ["1", "--store", "{store}"],
     "replay": ["--store", "{store}"],
     "serve": ["--model", "builtin", "--store", "{store}", "--port", "0"],
+    "demo": ["--model", "builtin"],
 }
 
 

@@ -32,6 +32,7 @@ import click
 
 from pipeline.cli import fail
 from pipeline.model_options import model_option, module_path_option
+from pipeline.runtime_options import device_option, dtype_option
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +111,12 @@ def _show_ledger(store_dir: Path, name: str) -> None:
     click.echo(_table(rows, ["seq", "id", "status", "prompt", "target", "loss", "scores"]))
 
 
-def _answers(model: str, store_dir: Path, name: str, prompts: list[str]) -> tuple[list[str], list[str]]:
+def _answers(model: str, store_dir: Path, name: str, prompts: list[str], device: str = "cpu",
+             dtype: str | None = None) -> tuple[list[str], list[str]]:
     """(base model, edited model) greedy answers, first line, from the store's memory (read-only, no lock)."""
     from workers.runtime import Runtime
 
-    with Runtime.open(model, store=store_dir, name=name, readonly=True) as runtime:
+    with Runtime.open(model, store=store_dir, name=name, readonly=True, device=device, dtype=dtype) as runtime:
         before = runtime.generate(prompts, max_new_tokens=ANSWER_TOKENS, use_memory=False)
         after = runtime.generate(prompts, max_new_tokens=ANSWER_TOKENS, use_memory=True)
     return [_first_line(t) for t in before], [_first_line(t) for t in after]
@@ -196,7 +198,9 @@ def _forget_keys(client: Any, name: str, request_ids: list[str]) -> None:
 @click.option("--edits", "count", type=click.IntRange(1, 50), default=3, show_default=True,
               help="How many zsRE edits to submit (one per subject).")
 @click.option("--keep", is_flag=True, help="Keep the temporary store (its path is printed).")
-def demo(model: str, module_path: str | None, count: int, keep: bool) -> None:
+@device_option()
+@dtype_option()
+def demo(model: str, module_path: str | None, count: int, keep: bool, device: str, dtype: str | None) -> None:
     """The main job on a real model: a worker, edits through the real queue, the ledger, the
     answers a user reads before and after, then a rollback through the queue. Starts a local
     Redis when none answers."""
@@ -221,7 +225,8 @@ def demo(model: str, module_path: str | None, count: int, keep: bool) -> None:
         with redis_for(settings.redis_url()) as (url, started):
             click.echo(f"redis: {settings.redact(url)}" + (" (started for this demo)" if started else ""))
             env = {**os.environ, "MEMOIR_REDIS_URL": url}
-            worker = WorkerProcess(["--model", model, "--name", name, "--store", str(store_dir),
+            worker = WorkerProcess(["--model", model, "--name", name, "--store", str(store_dir), "--device", device,
+                                    *(["--dtype", dtype] if dtype else []),
                                     *(["--module-path", module_path] if module_path else [])], env, work / "worker.log")
             client = Client(url)
             ids: list[str] = []
@@ -237,11 +242,11 @@ def demo(model: str, module_path: str | None, count: int, keep: bool) -> None:
                 click.echo("\nledger:")
                 _show_ledger(store_dir, name)
                 click.echo("\nanswers, greedy, as `memoir generate` and the server give them:")
-                before, after = _answers(model, store_dir, name, questions)
+                before, after = _answers(model, store_dir, name, questions, device, dtype)
                 _show_answers(records, unrelated, before, after)
 
                 _rollback_step(client, name, ids)
-                _, rolled = _answers(model, store_dir, name, [records[0]["src"]])
+                _, rolled = _answers(model, store_dir, name, [records[0]["src"]], device, dtype)
                 again = rolled[0] == before[0]
                 click.echo(f"  {records[0]['src']!r} now: {rolled[0]}   "
                            f"[{'the base answer again' if again else 'NOT the base answer'}]")
