@@ -173,7 +173,7 @@ def _refuse_unsupported(model: type[BodyT], data: dict[str, Any]) -> None:
                  if key not in known and (key not in NEUTRAL or value not in NEUTRAL[key]))
     if bad:
         raise InvalidRequest(f"unsupported parameter{'s' if len(bad) > 1 else ''}: {', '.join(bad)} (this server "
-                             f"does not implement {'them' if len(bad) > 1 else 'it'}; see /docs or the README)",
+                             f"does not implement {'them' if len(bad) > 1 else 'it'}; see the README, OpenAI compatibility)",
                              bad[0])
 
 
