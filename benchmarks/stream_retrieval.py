@@ -22,6 +22,9 @@ number of stored masks (capacity = T), and for other prompt keys:
 - `idf` / `idf_stream_mu`: the mean over the prompt's tokens weighted by each token's inverse
   document frequency in those same background + template prompts (log((N+1)/(df+1)) + 1): the
   words every question of a relation shares (the template) weigh less than the entity's own.
+`crosstalk`: per pair of the first 300 edits' prompts, the cosine of their mean activations on the
+columns both masks hold, raw (what W_m multiplies) and with μ taken off.
+`index`: the memory's own index filled with the stream's masks: bytes per mask, decide ms per prompt.
 `at_5pct_false`: per key, the lowest threshold of the grid where at most 5 % of the NQ questions and
 of the look-alikes retrieve an edit at the largest T, and what the rephrases get there.
 Writes benchmarks/results/<name>.json.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import statistics
 import sys
 import time
 from typing import Any
@@ -40,11 +44,51 @@ import torch
 
 from benchmarks.common import set_threads, write_result
 from memoir import Editor, MemoirConfig, synthetic
-from memoir.editor import _activations
 from memoir.sources import load_model
 from memoir.tophash import fit_threshold, topk_columns
 
 KEYS = ("mean", "last", "idf", "mean_stream_mu", "last_stream_mu", "idf_stream_mu")
+
+
+class _Captured(Exception):
+    pass
+
+
+def layer_input(editor: Editor, batch) -> torch.Tensor:
+    """The edited projection's input (B, T, D), memory off; the forward stops there (the layers
+    above and the LM head are not run: same values as memoir.editor._activations, less work)."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, args):
+        captured.append(args[0].detach())
+        raise _Captured
+
+    handle = editor.memory.base.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad(), editor.memory.disabled():
+            editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def crosstalk(feats: torch.Tensor, masks: torch.Tensor, mu: torch.Tensor) -> dict[str, float]:
+    """How much one edit's change to W_m reaches another edit's prompt: per pair of prompts, the
+    cosine of their activations on the columns both masks hold, raw (what W_m multiplies) and
+    with μ taken off. Quantiles over the pairs."""
+    out = {}
+    for name, a in (("raw", feats), ("centred", feats - mu)):
+        ma = masks * a
+        num = ma @ ma.T
+        sq = (masks * a * a) @ masks.T  # Σ over shared columns of a_i²
+        cos = num / (sq * sq.T).clamp_min(1e-12).sqrt()
+        upper = torch.triu_indices(a.shape[0], a.shape[0], 1)
+        pairs = cos[upper[0], upper[1]]
+        out[name] = {"mean": round(float(pairs.mean()), 4), "p10": round(float(pairs.quantile(0.1)), 4),
+                     "p50": round(float(pairs.median()), 4), "p90": round(float(pairs.quantile(0.9)), 4)}
+    return out
 
 
 def idf_table(editor: Editor, documents: list[str]) -> torch.Tensor:
@@ -60,11 +104,10 @@ def raw_features(editor: Editor, prompts: list[str], idf: torch.Tensor, batch_si
     """Per prompt, before μ is taken off: the mean of its tokens' activations ("mean"), its last
     token's ("last"), and the mean weighted by each token's idf ("idf"), each (len(prompts), D),
     from one forward per batch."""
-    memory = editor.memory
     out: dict[str, list[torch.Tensor]] = {"mean": [], "last": [], "idf": []}
     for start in range(0, len(prompts), batch_size):
         batch = editor.batch(prompts[start : start + batch_size])
-        acts = _activations(editor.model, memory, batch).float()
+        acts = layer_input(editor, batch).float()
         mask = batch.prompt_mask.to(acts.device).float()
         last = mask.sum(1).long() - 1  # right padding: prompt tokens come first
         out["last"].append(acts[torch.arange(acts.shape[0]), last].cpu())
@@ -78,7 +121,7 @@ def token_mean(editor: Editor, prompts: list[str], batch_size: int = 32) -> torc
     total, tokens = None, 0.0
     for start in range(0, len(prompts), batch_size):
         batch = editor.batch(prompts[start : start + batch_size])
-        acts = _activations(editor.model, editor.memory, batch).float()
+        acts = layer_input(editor, batch).float()
         w = batch.prompt_mask.float().to(acts.device)
         part = torch.einsum("btd,bt->d", acts, w).cpu()
         total = part if total is None else total + part
@@ -140,7 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     mus["last_stream_mu"] = mus["idf"] = mus["idf_stream_mu"] = mus["mean_stream_mu"]
     mus["idf"] = memory.background.cpu()
     idf = idf_table(editor, list(background) + traffic)
-    prompt_sets = {"src": [r["src"] for r in stream], "rephrase": [r["rephrase"] for r in stream],
+    chosen_at = {t: sorted(random.Random(f"{args.seed}-{t}").sample(range(t), min(args.rephrases, t))) for t in points}
+    scored = sorted(set().union(*chosen_at.values()))
+    position = {i: n for n, i in enumerate(scored)}  # stream index -> row among the scored rephrases
+    prompt_sets = {"src": [r["src"] for r in stream], "rephrase": [stream[i]["rephrase"] for i in scored],
                    "nq": nq, "lookalike": lookalike, "background": list(background)}
     result: dict[str, Any] = {"model": args.model, "seed": args.seed, "edits": args.edits, "top_k": k, "size": size,
                               "fitted_threshold": cfg.threshold, "threshold_fit": cfg.threshold_fit,
@@ -149,17 +195,25 @@ def main(argv: list[str] | None = None) -> None:
     for set_name, prompts in prompt_sets.items():
         raw[set_name] = raw_features(editor, prompts, idf)
         log(f"activations of {len(prompts)} {set_name} prompts")
+    masks_mean = None
     for key in args.keys.split(","):
         base = key.split("_")[0]
         masks = {set_name: dense(topk_columns(feats[base] - mus[key], k, memory.permutation.cpu()), size)
                  for set_name, feats in raw.items()}
+        if key == "mean":
+            masks_mean = masks["src"]
         fit = fit_threshold(masks["background"], k, cfg.threshold_capacity, cfg.threshold_false_retrievals)
         per_key: dict[str, Any] = {"fit": fit, "points": {}}
+        if key == "mean":
+            n = min(300, len(stream))
+            result["crosstalk"] = crosstalk(raw["src"]["mean"][:n], masks["src"][:n], mus["mean"])
+            log(f"cross-talk of the first {n} edits' prompts on shared columns: {result['crosstalk']}")
         for t in points:
             stored = masks["src"][:t]
             fit_t = fit_threshold(masks["background"], k, t, cfg.threshold_false_retrievals)
-            chosen = sorted(random.Random(f"{args.seed}-{t}").sample(range(t), min(args.rephrases, t)))
-            rows, ratios = best(masks["rephrase"][chosen], stored, k)
+            chosen = chosen_at[t]
+            rephrase_masks = masks["rephrase"][[position[i] for i in chosen]]
+            rows, ratios = best(rephrase_masks, stored, k)
             # an identical mask stored twice: the earliest row wins, so compare masks, not rows
             own_mask = (stored[rows] == stored[torch.tensor(chosen)]).all(dim=1)
             src_rows, src_ratios = best(masks["src"][chosen], stored, k)
@@ -180,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                 "refitted_to_T": {"threshold": fit_t["threshold"], **at(fit_t["threshold"])},
                 "grid": {f"{th:g}": at(th) for th in thresholds},
                 "rephrase_best_is_own": round(float(own_mask.float().mean()), 4),
-                "rephrase_own_overlap_p50": round(float(((masks["rephrase"][chosen] * stored[chosen]).sum(1) / k).median()), 4),
+                "rephrase_own_overlap_p50": round(float(((rephrase_masks * stored[chosen]).sum(1) / k).median()), 4),
                 "nq_best_p99": round(float(nq_ratios.quantile(0.99)), 4),
                 "lookalike_best_p50": round(float(look_ratios.median()), 4),
             }
@@ -198,7 +252,39 @@ def main(argv: list[str] | None = None) -> None:
         result["keys"][key] = per_key
         result["seconds"] = round(time.perf_counter() - started, 1)
         write_result(name, result)
+    if masks_mean is not None:
+        result["index"] = index_figures(editor, masks_mean, prompt_sets["nq"])
+        log(f"index of {args.edits} real masks: {result['index']}")
+        write_result(name, result)
     print(f"wrote benchmarks/results/{name}.json", file=sys.stderr)
+
+
+def index_figures(editor: Editor, src_masks: torch.Tensor, prompts: list[str], repeats: int = 20) -> dict[str, Any]:
+    """The memory's own index filled with the stream's masks (MEMOIR's key), as a worker holds it
+    after these edits: bytes per mask (deep_bytes, and the index's own count of its mask storage)
+    and the prefill decision's time per prompt (`ResidualMemory.decide`), batches of 1 and 16."""
+    from benchmarks.bench_stream import deep_bytes
+
+    memory = editor.memory
+    columns = src_masks.nonzero()[:, 1].view(src_masks.shape[0], -1)
+    for i, cols in enumerate(columns):
+        memory.index.add(i, cols)
+    out: dict[str, Any] = {"distinct_masks": len(memory.index), **deep_bytes(memory.index)}
+    out["bytes_per_mask"] = round(out["bytes"] / max(1, len(memory.index)), 1)
+    if hasattr(memory.index, "nbytes"):
+        out["mask_storage_bytes"] = int(memory.index.nbytes)
+    for size in (1, 16):
+        batch = editor.batch(prompts[:size])
+        acts = layer_input(editor, batch)
+        memory.decide(acts, batch.prompt_mask)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            memory.decide(acts, batch.prompt_mask)
+            times.append((time.perf_counter() - started) * 1e3 / size)
+        out[f"decide_ms_per_prompt_batch_{size}"] = {"median": round(statistics.median(times), 4),
+                                                     "min": round(min(times), 4)}
+    return out
 
 
 if __name__ == "__main__":
