@@ -93,7 +93,7 @@ def list_edits(store_path: str | None, name: str | None, status: str | None, lim
         try:
             edits = store.edits(name, status=status, limit=limit)
         except (StoreError, KeyError) as exc:
-            fail(str(exc))
+            fail(str(exc), EXIT_INVALID)
     if as_json:
         emit_json([e.to_dict(with_mask=False) for e in edits])
         return
@@ -116,7 +116,7 @@ def memories(store_path: str | None, name: str | None, as_json: bool) -> None:
         found = [m for m in store.memories() if name is None or m.name == name]
         live = {m.name: len(store.applied(m.name)) for m in found}
     if name is not None and not found:
-        fail(f"no memory named {name!r} in this store")
+        fail(f"no memory named {name!r} in this store", EXIT_INVALID)
     rows = [{"name": m.name, "model": m.model_id, "revision": m.revision, "layer": m.layer, "top_k": m.top_k,
              "intermediate_size": m.intermediate_size, "threshold": m.config.get("threshold"),
              "threshold_fit": m.config.get("threshold_fit"), "live_edits": live[m.name], "version": m.version,
@@ -147,7 +147,7 @@ def show(store_path: str | None, as_json: bool, edit_id: int) -> None:
             edit = store.edit(edit_id)
             events = store.events(edit)
         except (StoreError, KeyError) as exc:
-            fail(str(exc))
+            fail(str(exc), EXIT_INVALID)
     data = edit.to_dict()
     data["events"] = [ev.to_dict() for ev in events]
     if as_json:
@@ -186,7 +186,7 @@ def verify(store_path: str | None, name: str | None, as_json: bool) -> None:
         try:
             report = store.verify(name)
         except (StoreError, KeyError) as exc:
-            fail(str(exc))
+            fail(str(exc), EXIT_INVALID)
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -269,20 +269,21 @@ def diff(store_path: str | None, name: str | None, as_json: bool, start: int, en
     from store import StoreError
 
     if end < start:
-        fail(f"END ({end}) is before START ({start})")
+        fail(f"END ({end}) is before START ({start})", EXIT_INVALID)
     with open_store(store_path) as store:
         try:
             if name is None:
                 names = [m.name for m in store.memories()]
                 if len(names) != 1:
-                    fail(f"the store holds {len(names)} memories ({', '.join(names) or 'none'}): name one with --name")
+                    fail(f"the store holds {len(names)} memories ({', '.join(names) or 'none'}): name one with "
+                         "--name", EXIT_INVALID)
                 name = names[0]
             newest = max((e.seq for e in store.edits(name)), default=0)
             if end > newest:
-                fail(f"memory {name!r} has no seq {end}: the newest is {newest}")
+                fail(f"memory {name!r} has no seq {end}: the newest is {newest}", EXIT_INVALID)
             report = _diff(store, name, start, end)
         except (StoreError, KeyError) as exc:
-            fail(str(exc))
+            fail(str(exc), EXIT_INVALID)
     if as_json:
         emit_json(report)
         return

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli import emit_json, fail
+from pipeline.cli import EXIT_INVALID, emit_json, fail
 from pipeline.ledger_commands import STORE_HELP, open_store
 from store.checkpoints import DEFAULT_KEEP
 
@@ -62,7 +62,7 @@ def compact(store_path: str | None, name: str | None, keep_checkpoints: int, as_
             fail(f"refusing to compact: {exc} (its writer lock is taken); a running worker prunes its own "
                  "checkpoints (--keep-checkpoints)")
         except (StoreError, KeyError) as exc:
-            fail(str(exc))
+            fail(str(exc), EXIT_INVALID)
     if as_json:
         emit_json(out)
         return

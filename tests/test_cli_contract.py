@@ -298,3 +298,15 @@ def test_celery_and_kombu_are_the_pinned_versions_whose_internals_the_worker_pat
     assert callable(getattr(kombu_redis.Channel, "_brpop_read", None))
     assert callable(getattr(kombu_redis.QoS, "ack", None)) and callable(getattr(kombu_redis.QoS, "reject", None))
     assert isinstance(kombu_transport._transport_cache, dict) and "redis" in kombu_transport.TRANSPORT_ALIASES
+
+
+def test_exit_status_2_for_what_the_store_does_not_hold(tmp_path):
+    """(A ledger that fails verification exits 1: tests/test_cli_store.py.)"""
+    from store import Store
+
+    path = tmp_path / "store"
+    Store.open(path).close()
+    for args in (["ledger", "show", "99"], ["ledger", "memories", "--name", "nope"], ["ledger", "diff", "3", "1"],
+                 ["ledger", "list", "--status", "nonsense"], ["store", "compact", "--name", "nope"]):
+        done = memoir(*args, "--store", str(path))
+        assert done.returncode == 2, (args, done.returncode, done.stderr)

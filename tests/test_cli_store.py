@@ -120,7 +120,7 @@ def test_ledger_verify_finds_a_corrupted_delta(synthetic_store):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     broken = memoir("ledger", "verify", "--store", str(synthetic_store), check=False)
-    assert broken.returncode != 0
+    assert broken.returncode == 1  # a check that failed (not invalid input, not a service down)
     assert f"edit {edit.id}" in broken.stdout and "corrupt" in broken.stdout and "problem" in broken.stderr
     report = last_json(memoir("ledger", "verify", "--store", str(synthetic_store), "--json", check=False).stdout)
     assert report["ok"] is False and len(report["errors"]) == 1
