@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from pipeline.client import BrokerError, Client, ConflictError, UnknownRequestError
-from pipeline.schema import RequestError, check_request_id, edit_request_json_schema, validate_edit
+from pipeline.schema import EditRequest, RequestError, check_request_id, edit_request_json_schema, validate_edit
 from serving.http import NotReady, error
 from store import Store, StoreError
 
@@ -237,6 +237,14 @@ def edit_routes(api: EditAPI, store_: Callable[[], Store]) -> APIRouter:
             record = _ledger_status(row)
         return record, row
 
+    def rollback_body(raw: bytes) -> RollbackBody:
+        try:
+            return RollbackBody.model_validate(parse_json(raw, optional=True))
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise Problem(400, f"{where}: {first['msg']}", where) from None
+
     def checked_id(value: str, param: str = "id") -> str:
         try:
             return check_request_id(value, param)
@@ -257,9 +265,8 @@ def edit_routes(api: EditAPI, store_: Callable[[], Store]) -> APIRouter:
     async def submit(request: Request, idempotency_key: str | None = Header(
             None, alias="Idempotency-Key", description="The request id: a repeat with the same payload is the "
                                                         "same edit; with another payload, 409.")) -> JSONResponse:
-        async def handle() -> JSONResponse:
-            key = key_of(idempotency_key)
-            data = parse_json(await request.body())
+        def checked(raw: bytes, key: str | None) -> EditRequest:
+            data = parse_json(raw)
             if isinstance(data, dict):
                 given = data.get("request_id")
                 if key is not None:
@@ -272,6 +279,11 @@ def edit_routes(api: EditAPI, store_: Callable[[], Store]) -> APIRouter:
             edit = validate_edit(data)
             if edit.name != api.name:
                 raise Problem(400, f"name: this server edits memory {api.name!r}, not {edit.name!r}", "name")
+            return edit
+
+        async def handle() -> JSONResponse:
+            key = key_of(idempotency_key)
+            edit = await run_in_threadpool(checked, await request.body(), key)  # parsing: off the event loop
 
             def send() -> tuple[bool, dict[str, Any]]:
                 with api.sending:
@@ -308,13 +320,7 @@ def edit_routes(api: EditAPI, store_: Callable[[], Store]) -> APIRouter:
         async def handle() -> JSONResponse:
             request_id = checked_id(id)
             key = key_of(idempotency_key)
-            data = parse_json(await request.body(), optional=True)
-            try:
-                body = RollbackBody.model_validate(data)
-            except ValidationError as exc:
-                first = exc.errors(include_url=False)[0]
-                where = ".".join(str(p) for p in first["loc"]) or "body"
-                raise Problem(400, f"{where}: {first['msg']}", where) from None
+            body = await run_in_threadpool(rollback_body, await request.body())
 
             def send() -> tuple[bool, dict[str, Any]]:
                 client = api.client
