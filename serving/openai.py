@@ -172,9 +172,9 @@ def _refuse_unsupported(model: type[BodyT], data: dict[str, Any]) -> None:
     bad = sorted(key for key, value in data.items()
                  if key not in known and (key not in NEUTRAL or value not in NEUTRAL[key]))
     if bad:
-        raise InvalidRequest(f"unsupported parameter{'s' if len(bad) > 1 else ''}: {', '.join(bad)} (this server "
-                             f"does not implement {'them' if len(bad) > 1 else 'it'}; see the README, OpenAI compatibility)",
-                             bad[0])
+        them = "them" if len(bad) > 1 else "it"
+        raise InvalidRequest(f"unsupported parameter{'s' if len(bad) > 1 else ''}: {', '.join(bad)} (this server does "
+                             f"not implement {them}; see the README, OpenAI compatibility)", bad[0])
 
 
 def _parse(model: type[BodyT], raw: bytes) -> BodyT:

@@ -126,7 +126,8 @@ def test_n_choices(stack, zsre):
 
 def test_stop_as_openai_allows(stack, zsre):
     prompt = zsre[300]["src"]
-    full = post(stack, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "ignore_eos": True})["choices"][0]["text"]
+    full = post(stack, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "ignore_eos": True})
+    full = full["choices"][0]["text"]
     word = full.split()[1]
     cut = full[: full.index(word)]
     for stop in (word, [word], ["\x00never", "\x01", word, "\x02", "\x03"]):  # a string, or a list (up to 16)
@@ -187,7 +188,7 @@ def test_echo_and_logprobs_score_the_prompt_with_the_memory_as_in_generation(sta
     assert both["memoir"]["retrieved"] == [[1], []]
     for row, choice in zip((ids, others), both["choices"]):
         with torch.no_grad():  # the same greedy tokens, EOS included, from the model alone
-            out = stack.served.model.generate(torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+            out = stack.served.model.generate(torch.tensor([row]), attention_mask=torch.ones(1, len(row)).long(),
                                               max_new_tokens=3, do_sample=False,
                                               pad_token_id=stack.served.editor.codec.pad_id)
         new = out[0, len(row):].tolist()
