@@ -198,7 +198,8 @@ def test_openapi_lists_the_routes_and_the_edit_request_schema(stack):
             "/v1/schemas/edit-request"} <= set(paths)
     submit = paths["/v1/edits"]["post"]
     body_schema = submit["requestBody"]["content"]["application/json"]["schema"]
-    assert {"202", "200", "400", "401", "403", "409", "503"} <= set(submit["responses"]) and "422" not in submit["responses"]
+    assert {"202", "200", "400", "401", "403", "409", "503"} <= set(submit["responses"])
+    assert "422" not in submit["responses"]  # FastAPI's validation answers are 400s here
     assert "Idempotency-Key" in [p["name"] for p in submit["parameters"]]
     assert paths["/v1/ledger"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/LedgerPage")
@@ -293,7 +294,8 @@ def test_idempotency_key_repeats_give_the_same_edit_and_conflicts_queue_nothing(
     assert again.json()["status"] == "rolled_back"  # the same edit as it stands, not a second one
     same_in_body = http.post("/v1/edits", json={**body, "request_id": "api-b"}, headers=RW)
     assert same_in_body.status_code == 200 and same_in_body.json()["duplicate"] is True
-    conflict = http.post("/v1/edits", json={**body, "target": "someone else"}, headers={**RW, "Idempotency-Key": "api-b"})
+    conflict = http.post("/v1/edits", json={**body, "target": "someone else"},
+                         headers={**RW, "Idempotency-Key": "api-b"})
     assert error_of(conflict, 409)["code"] == "idempotency_conflict" and "api-b" in error_of(conflict, 409)["message"]
     mismatch = http.post("/v1/edits", json={**body, "request_id": "api-c"}, headers={**RW, "Idempotency-Key": "api-b"})
     assert error_of(mismatch, 400)["param"] == "request_id"
