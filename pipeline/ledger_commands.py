@@ -100,11 +100,12 @@ def list_edits(store_path: str | None, name: str | None, status: str | None, lim
     if not edits:
         click.echo("no edits")
         return
-    click.echo(f"{'id':>6} {'seq':>6}  {'memory':<10} {'status':<11} {'created (UTC)':<19}  prompt → target")
-    for e in edits:
-        created = e.created_at.strftime("%Y-%m-%d %H:%M:%S")
-        click.echo(f"{e.id:>6} {e.seq:>6}  {_short(e.memory, 10):<10} {e.status:<11} {created:<19}  "
-                   f"{_short(e.prompt, 60)} → {_short(e.target, 30)}")
+    from pipeline.tables import echo_table
+
+    echo_table(["id", "seq", "memory", "status", "created (UTC)", "prompt → target"],
+               ([e.id, e.seq, e.memory, e.status, e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                 f"{_short(e.prompt, 60)} → {_short(e.target, 30)}"] for e in edits),
+               widths={"memory": 16, "prompt → target": 100}, right=["id", "seq"])
 
 
 @ledger.command("memories")

@@ -37,16 +37,15 @@ def queue(ctx: click.Context, name: str | None, as_json: bool) -> None:
     if not rows:
         click.echo("no queues and no workers")
         return
-    from rich.console import Console
-    from rich.table import Table
+    from pipeline.tables import echo_table
 
-    table = Table("memory", "queue", "queued", "dead", "worker", box=None, header_style="bold")
-    for row in rows:
-        w = row["worker"]
-        who = (f"{w.get('host')} pid {w.get('pid')}: {w.get('model')} on {w.get('device')}, since {w.get('started_at')}"
-               if w else "none: the requests wait")
-        table.add_row(row["name"], row["queue"], str(row["queued"]), str(row["dead"]), who)
-    Console(soft_wrap=True).print(table)
+    def who(w: dict[str, Any] | None) -> str:
+        return (f"{w.get('host')} pid {w.get('pid')}: {w.get('model')} on {w.get('device')}, since {w.get('started_at')}"
+                if w else "none: the requests wait")
+
+    echo_table(["memory", "queue", "queued", "dead", "worker"],
+               ([r["name"], r["queue"], r["queued"], r["dead"], who(r["worker"])] for r in rows),
+               widths={"worker": 120}, right=["queued", "dead"])
 
 
 def overview(client: Any, name: str | None = None) -> list[dict[str, Any]]:

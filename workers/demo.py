@@ -94,21 +94,15 @@ class WorkerProcess:
         return self.process.returncode
 
 
-def _table(rows: list[list[Any]], header: list[str]) -> str:
-    cells = [[str(c) for c in row] for row in [header, *rows]]
-    widths = [min(48, max(len(r[i]) for r in cells)) for i in range(len(header))]
-    fit = lambda text, w: text if len(text) <= w else text[: w - 1] + "…"  # noqa: E731
-    return "\n".join("  ".join(fit(c, w).ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
-
-
 def _show_ledger(store_dir: Path, name: str) -> None:
+    from pipeline.tables import echo_table
     from store import Store
 
     with Store.open(store_dir) as store:
         edits = store.edits(name)
     rows = [[e.seq, e.id, e.status, e.prompt, e.target, f"{e.loss:.3f}" if e.loss is not None else "",
              " ".join(f"{k}={e.scores[k]:.2f}" for k in SCORE_ORDER if k in (e.scores or {}))] for e in edits]
-    click.echo(_table(rows, ["seq", "id", "status", "prompt", "target", "loss", "scores"]))
+    echo_table(["seq", "id", "status", "prompt", "target", "loss", "scores"], rows)
 
 
 def _answers(model: str, store_dir: Path, name: str, prompts: list[str], device: str = "cpu",
