@@ -84,6 +84,7 @@ def name_envvars(command: click.Command, prefix: str) -> click.Command:
             flags = [o for o in param.opts if o.startswith("--")] or param.opts
             flag = max(flags, key=len).lstrip("-").replace("-", "_").upper()
             param.envvar = f"{prefix}_{flag}"
+            param.show_envvar = True  # --help names it
     if isinstance(command, click.Group):
         for sub_name, sub in command.commands.items():
             name_envvars(sub, f"{prefix}_{sub_name.upper().replace('-', '_')}")

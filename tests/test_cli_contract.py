@@ -269,6 +269,9 @@ def test_options_are_read_from_memoir_environment_variables(tmp_path, redis_url)
     as_json = memoir("submit", "--prompt", "q", "--target", "a", "--name", "envtest",
                      env={"MEMOIR_REDIS_URL": redis_url, "MEMOIR_SUBMIT_JSON": "1"})
     assert as_json.returncode == 0 and last_json(as_json)["submitted"] == 1
+    # --help names each variable
+    assert "env var: MEMOIR_WORKER_DEVICE" in " ".join(memoir("worker", "--help").stdout.split())
+    assert "env var: MEMOIR_LEDGER_LIST_STORE" in " ".join(memoir("ledger", "list", "--help").stdout.split())
     # the command line wins over the environment
     explicit = memoir("ledger", "list", "--store", str(tmp_path / "other"),
                       env={"MEMOIR_LEDGER_LIST_STORE": str(missing)})
