@@ -86,11 +86,18 @@ class RequestMetrics:
     def __init__(self, app: Any, metrics: ServerMetrics, routes: Callable[[], set[str]]) -> None:
         self.app, self.metrics, self.routes = app, metrics, routes
 
+    def _label(self, scope: dict[str, Any]) -> str:
+        """The route's template (`/v1/edits/{edit_id}`), or for a request answered before routing
+        (413, 503, ...) its path if the app has it, else "other": bounded label values."""
+        template = getattr(scope.get("route"), "path", None)
+        if isinstance(template, str):
+            return template
+        return scope["path"] if scope["path"] in self.routes() else "other"
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in self.routes() else "other"  # bounded label values
         started, status = time.perf_counter(), 500
 
         async def sending(message: dict[str, Any]) -> None:
@@ -102,6 +109,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, sending)
         finally:
+            route = self._label(scope)
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 

@@ -188,3 +188,25 @@ def test_the_compose_healthcheck_sees_the_worker(stack):
 
     assert check(NAME) == 0
     assert check("nobody") == 1
+
+
+def test_request_metrics_label_a_templated_route_by_its_template():
+    """`/v1/edits/{edit_id}` is one label whatever the id; unknown paths are "other" (bounded)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serving.metrics import RequestMetrics, ServerMetrics
+
+    metrics, app = ServerMetrics(), FastAPI()
+
+    @app.get("/v1/edits/{edit_id}")
+    async def edit(edit_id: str) -> dict:
+        return {"id": edit_id}
+
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=lambda: set())
+    with TestClient(app) as client:
+        for path in ("/v1/edits/a", "/v1/edits/b", "/unknown/1", "/unknown/2"):
+            client.get(path)
+    lines = metrics.exposition()[0].decode().splitlines()
+    assert 'memoir_http_requests_total{route="/v1/edits/{edit_id}",status="200"} 2.0' in lines
+    assert 'memoir_http_requests_total{route="other",status="404"} 2.0' in lines
