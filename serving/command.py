@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from pipeline.cli import fail
+from pipeline.cli import EXIT_INVALID, fail
 from pipeline.logs import log_format_option
 from pipeline.model_options import model_option
 from pipeline.runtime_options import device_option, dtype_option
@@ -76,7 +76,7 @@ def serve(model_name: str, name: str, store_path: str | None, tensor_dir: str | 
     try:
         keys = Keys.from_options(api_keys)
     except KeyConfigError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_INVALID)
     warning = exposure_warning(host, keys)
     if warning is not None:
         click.echo(warning, err=True)
