@@ -124,7 +124,13 @@ def emit_json(payload: Any) -> None:
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": ENV_PREFIX})
 @click.version_option(package_name="memoir-service", prog_name="memoir")
 def main() -> None:
-    """memoir: keep a deployed LLM's knowledge up to date, one MEMOIR edit at a time."""
+    """memoir: keep a deployed LLM's knowledge up to date, one MEMOIR edit at a time.
+
+    \b
+    Exit status: 0 done; 1 an edit, rollback, replay or verification failed;
+    2 invalid input (bad option or value, refused request, no such store, memory or edit);
+    3 a timeout or a service that does not answer (Redis, the ledger's database).
+    Every option can also be set as MEMOIR_<COMMAND>_<OPTION> (see each command's --help)."""
 
 
 if __name__ == "__main__":

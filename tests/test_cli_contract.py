@@ -154,6 +154,11 @@ def test_queue_shows_each_memory_its_length_and_its_worker(redis_url):
 # -------------------------------------------------------------------------------- exit statuses
 
 
+def test_the_exit_statuses_are_documented_in_help():
+    helped = " ".join(memoir("--help").stdout.split())
+    assert "Exit status: 0 done; 1 an edit" in helped and "2 invalid input" in helped and "3 a timeout" in helped
+
+
 def test_exit_status_2_for_invalid_input(redis_url, tmp_path):
     env = {"MEMOIR_REDIS_URL": redis_url}
     cases = [
