@@ -124,7 +124,7 @@ def test_wait_without_a_worker_fails_after_the_timeout_with_status_3(redis_url):
     summary = last_json(done)
     assert summary["timed_out"] is True and summary["applied"] == 0 and summary["submitted"] == 1
     # --wait is bounded by default
-    assert "[default: 600" in " ".join(memoir("submit", "--help").stdout.split())
+    assert "default: 600" in " ".join(memoir("submit", "--help").stdout.split())
 
 
 def test_queue_shows_each_memory_its_length_and_its_worker(redis_url):
