@@ -35,10 +35,11 @@ def held(tensors: Mapping[str, Any], row_members: dict[int, str] | None) -> dict
         if ids:
             raise StoreError("a checkpoint lists its edits neither in its ledger row nor in its file")
         return {}
-    rows = tensors[MEMBERS].tolist()
-    if len(rows) != len(ids) or any(len(r) != 32 for r in rows):
+    rows = tensors[MEMBERS]
+    if tuple(rows.shape) != (len(ids), 32):
         raise StoreError(f"a checkpoint file's {MEMBERS} does not match its index")
-    return {i: bytes(r).hex() for i, r in zip(ids, rows)}
+    raw = (rows.numpy() if hasattr(rows, "numpy") else rows).tobytes()  # torch or numpy: one copy, no lists
+    return {i: raw[32 * n : 32 * n + 32].hex() for n, i in enumerate(ids)}
 
 
 def row_members(stored: Any) -> dict[int, str] | None:

@@ -17,18 +17,44 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from safetensors.numpy import load as load_bytes
 
 from store import checkpoints as ckpts
 from store.files import TMP_SUFFIX, sha256_bytes
-from store.records import APPLIED, FAILED, PENDING, ROLLED_BACK, STATUSES, EditRecord, StoreError, VerifyReport
+from store.records import APPLIED, FAILED, PENDING, ROLLED_BACK, STATUSES, StoreError, VerifyReport
 
 if TYPE_CHECKING:
     from memoir.state import MemoryState
     from store.store import Store
+
+
+class _Row(NamedTuple):
+    """An edit's ledger row as verify checks it: its status and what it points at, no text or scores
+    (a few hundred bytes an edit: at 10 000 edits the rows are not what verify's memory is made of)."""
+
+    id: int
+    seq: int
+    status: str
+    reason: str | None
+    mask_bits: bytes | None
+    mask_size: int | None
+    delta_file: str | None
+    delta_sha256: str | None
+    applied_at: Any
+    applied_version: int | None
+    rolled_back_at: Any
+
+
+def _ledger_rows(store: "Store", memory_id: int) -> list[_Row]:
+    """The memory's edits in sequence order, as `_Row`s (one query, rows streamed, no JSON decoded)."""
+    Edit = store.t.Edit
+    query = (Edit.select(Edit.id, Edit.seq, Edit.status, Edit.reason, Edit.mask, Edit.mask_size, Edit.delta_file,
+                         Edit.delta_sha256, Edit.applied_at, Edit.applied_version, Edit.rolled_back_at)
+             .where(Edit.memory == memory_id).order_by(Edit.seq).tuples())
+    return [_Row(*row[:4], bytes(row[4]) if row[4] is not None else None, *row[5:]) for row in query.iterator()]
 
 
 class _Files:
@@ -117,7 +143,7 @@ def _verify_memory(store: "Store", memory: Any, live: "MemoryState | None", repo
     errors, warnings = report.errors, report.warnings
     files.load(memory.state_file, memory.state_sha256, "memory tensors")
 
-    edits = store.edits(name)
+    edits = _ledger_rows(store, memory.id)
     events: dict[int | None, list[str]] = defaultdict(list)
     referenced: set[str] = set()
     Event = store.t.Event  # (edit, kind, detail) rows only: no record objects for 3 events an edit
@@ -133,7 +159,7 @@ def _verify_memory(store: "Store", memory: Any, live: "MemoryState | None", repo
     if seqs != list(range(1, len(seqs) + 1)):
         errors.append(f"{prefix}sequence numbers are not 1..{len(seqs)} without gaps (rows deleted?)")
 
-    applied: list[EditRecord] = []
+    applied: list[_Row] = []
     file_masks: dict[int, bytes] = {}  # edit id -> the key of the mask in its delta file
     shape = (memory.hidden_size, memory.intermediate_size)
     total_t = np.zeros(shape[::-1], dtype=np.float32)  # W_mᵀ: the sum of the applied deltas, from zero
@@ -199,7 +225,7 @@ def _verify_memory(store: "Store", memory: Any, live: "MemoryState | None", repo
     _orphans(store, name, referenced, prefix, warnings)
 
 
-def _check_status(edit: EditRecord, kinds: list[str], memory: Any, what: str, errors: list[str],
+def _check_status(edit: "_Row", kinds: list[str], memory: Any, what: str, errors: list[str],
                   warnings: list[str]) -> None:
     if edit.status not in STATUSES:
         errors.append(f"{what}: unknown status {edit.status!r}")
@@ -241,7 +267,7 @@ def _check_shapes(tensors: dict[str, np.ndarray], memory: Any, what: str, errors
 
 
 def _rebuild(store: "Store", name: str, files: _Files, newest: Any, tensors: dict[str, np.ndarray],
-             members: dict[int, str], edits: list[EditRecord], applied: list[EditRecord], shape: tuple[int, int],
+             members: dict[int, str], edits: list["_Row"], applied: list["_Row"], shape: tuple[int, int],
              prefix: str, errors: list[str]) -> np.ndarray | None:
     """W_m the way `load_state` builds it, in numpy, on the newest checkpoint (its `tensors`,
     holding the deltas `members`)."""
