@@ -20,7 +20,8 @@ At each evaluation point T (the default points capped at --edits), on the memory
   origin (zsRE / synthetic) and overall; own-edit retrieval of src and rephrase;
 - `unrelated`: the share of prompts that retrieve any edit, on the split's NQ questions outside the
   memory's background prompts, and on look-alike facts (same templates, other entities, never
-  edited); the best overlap ratios' quantiles (what a higher threshold would cut);
+  edited), with the share of look-alikes whose first 8 greedy tokens change (`answer_changed`);
+  the best overlap ratios' quantiles (what a higher threshold would cut);
 - `retrieval_ms`: the prefill decision (TopHash mask + overlap with every stored mask + best
   match, `ResidualMemory.decide`) per prompt, batches of 1 and of 16, median of repeats;
 - `index`: bytes the in-memory mask index holds (tensors and Python objects reachable from it)
@@ -45,7 +46,7 @@ from typing import Any, Sequence
 import torch
 
 from benchmarks.common import RESULTS_DIR, set_threads, write_result
-from memoir import synthetic
+from memoir import metrics, synthetic
 from memoir.editor import _activations
 from memoir.evaluate import ZsreCase, score
 
@@ -290,6 +291,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax = axes[2]
     ax.plot(t, [p["unrelated"]["nq"]["share"] for p in points], "o-", label="NQ questions retrieving an edit")
     ax.plot(t, [p["unrelated"]["lookalike"]["share"] for p in points], "s-", label="unedited look-alike facts retrieving one")
+    changed = [(p["edits"], p["unrelated"]["lookalike"]["answer_changed"]) for p in points
+               if "answer_changed" in p["unrelated"]["lookalike"]]
+    if changed:
+        ax.plot(*zip(*changed), "x--", label="look-alikes whose answer changes")
     ax.axhline(0.05, color="grey", linestyle=":", label="target 5 %")
     ax.set_ylim(0, max(0.1, max(p["unrelated"]["lookalike"]["share"] for p in points) * 1.1))
     ax.set_title("false retrievals")
@@ -326,6 +331,9 @@ def evaluate_point(runtime, stream: list[dict[str, Any]], done: int, args, nq: l
     point["first"] = point["sample"] if sample == first else score_cases(
         editor, [stream[i] for i in first], [ids_by_index[i] for i in first], masks)
     point["unrelated"] = {"nq": unrelated_share(editor, nq), "lookalike": unrelated_share(editor, lookalike)}
+    # what a false retrieval costs a user: look-alike questions whose first greedy tokens change
+    point["unrelated"]["lookalike"]["answer_changed"] = 1.0 - sum(
+        metrics.generation_unchanged(editor, lookalike)) / len(lookalike)
     point["retrieval_ms"] = retrieval_ms(editor, nq)
     gc.collect()
     index = deep_bytes(editor.memory.index)
@@ -450,6 +458,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"rss {rss_mb():.0f} MB, {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
             segment["to"] = done
             segment["wall_seconds"] = round(time.perf_counter() - wall, 1)
+            if done % 100 == 0 and done not in points:
+                write_result(name, result)  # progress (segments) survives a stop between points
             maybe_evaluate()
         save()
     finally:

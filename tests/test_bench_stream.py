@@ -44,6 +44,7 @@ def test_resumes_from_its_ledger_and_keeps_earlier_points(tmp_path, results_dir)
     assert point["applied"] == 5 and point["sample"]["all"]["n"] == 3
     assert point["first"]["all"]["n"] == 3 and point["index"]["distinct_masks"] == 5
     assert 0.0 <= point["unrelated"]["nq"]["share"] <= 1.0 and point["retrieval_ms"]["batch_16"] > 0
+    assert 0.0 <= point["unrelated"]["lookalike"]["answer_changed"] <= 1.0
     _run(store, 5, "2,4")  # nothing left to do: no edit applied again
     with Store.open(store) as opened:
         assert len(opened.edits(bench_stream.MEMORY_NAME)) == 5
