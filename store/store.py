@@ -702,10 +702,11 @@ class Store:
         edits = self.applied(name) if edits is None else edits
         return (checkpoint, *ckpts.plan(self.checkpoint_members(checkpoint, loaded) if checkpoint else {}, edits))
 
-    def weight_of(self, name: str, edits: Sequence[EditRecord | DeltaRef], before_version: int | None = None) -> "torch.Tensor":
+    def weight_of(self, name: str, edits: Sequence[EditRecord | DeltaRef], before_version: int | None = None,
+                  device: Any = None) -> "torch.Tensor":
         """W_m holding exactly `edits` (their recorded deltas, added in the order given), built on the
         newest checkpoint taken before memory version `before_version` (None: the newest; 0: none,
-        from zeros). Rollback and replay rebuild a past memory with it."""
+        from zeros), on `device` (default the CPU). Rollback and replay rebuild a past memory with it."""
         from store import tensors
 
         memory = self.get_memory(name)
@@ -714,17 +715,18 @@ class Store:
         return tensors.rebuild_weight(
             (memory.hidden_size, memory.intermediate_size), loaded,
             (self.read_tensor(self.delta_key(name, sha), sha) for sha in subtract),
-            (self.read_tensor(e.delta_file, e.delta_sha256) for e in add))
+            (self.read_tensor(e.delta_file, e.delta_sha256) for e in add), device)
 
-    def load_state(self, name: str, expect: "ModelIdentity | None" = None) -> "MemoryState":
-        """The memory as it stands: newest checkpoint + later deltas; masks of the applied edits
-        keyed by edit id. With `expect`, refuses (MemoryMismatchError) a memory made on another model."""
+    def load_state(self, name: str, expect: "ModelIdentity | None" = None, device: Any = None) -> "MemoryState":
+        """The memory as it stands: newest checkpoint + later deltas (added on `device`, default the
+        CPU: a worker passes its own); masks of the applied edits keyed by edit id. With `expect`,
+        refuses (MemoryMismatchError) a memory made on another model."""
         from store import tensors
 
         with self.snapshot():
             memory = self.get_memory(name)
             applied = self.applied_refs(name)
-            weight = self.weight_of(name, applied)
+            weight = self.weight_of(name, applied, device=device)
         fixed = self.read_tensor(memory.state_file, memory.state_sha256)
         return tensors.build_state(memory.metadata, fixed, weight, {e.id: e.mask_bits for e in applied}, expect)
 

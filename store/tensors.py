@@ -90,10 +90,13 @@ def build_state(meta: dict[str, Any], fixed: bytes, weight: torch.Tensor,
 
 
 def rebuild_weight(shape: tuple[int, int], checkpoint: dict[str, torch.Tensor] | None,
-                   subtract: Iterable[bytes], add: Iterable[bytes]) -> torch.Tensor:
+                   subtract: Iterable[bytes], add: Iterable[bytes], device: Any = None) -> torch.Tensor:
     """A checkpoint's W_m (or zeros), minus the deltas it holds that are not wanted, plus the
-    wanted deltas it lacks (in the order they were applied: the same sums as the live memory)."""
-    weight = checkpoint["weight"] if checkpoint is not None else torch.zeros(shape, dtype=torch.float32)
+    wanted deltas it lacks (in the order they were applied: the same sums as the live memory),
+    built on `device` (default the CPU): a worker rebuilds on its own device, where it applied them."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    weight = (checkpoint["weight"].to(device) if checkpoint is not None
+              else torch.zeros(shape, dtype=torch.float32, device=device))
     if tuple(weight.shape) != tuple(shape):
         raise CorruptFileError(f"checkpoint W_m has shape {tuple(weight.shape)}, the memory {tuple(shape)}")
     for data in subtract:

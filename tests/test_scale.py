@@ -140,3 +140,14 @@ def test_restart_decides_as_before_and_warms_a_bounded_number(tiny_llama, zsre, 
         assert activations.warm(runtime, limit=0) == 0
     finally:
         runtime.close()
+
+
+def test_loading_builds_w_m_on_the_device_asked_for(tmp_path):
+    """A worker rebuilds W_m (checkpoint + later deltas) on its own device, not on the CPU first:
+    the "meta" device (shapes only) shows where the additions ran."""
+    store, weight = open_store(tmp_path, 6)  # a checkpoint at 4, then 2 deltas to add
+    assert store.load_state("m").weight.device.type == "cpu"
+    assert store.weight_of("m", store.applied("m"), device="meta").device.type == "meta"
+    state = store.load_state("m", device="meta")
+    assert state.weight.device.type == "meta" and state.weight.shape == weight.shape
+    assert torch.equal(store.load_state("m", device="cpu").weight, store.load_state("m").weight)

@@ -119,7 +119,7 @@ class Runtime:
                 lock = store.writer_lock(name, wait=lock_wait)
             overrides = {"layer": layer, "top_k": top_k, "threshold": threshold, "prompt_format": prompt_format}
             if store.has_memory(name):
-                state = store.load_state(name)
+                state = store.load_state(name, device=device)  # W_m rebuilt where it will live
                 wrong = [f"{key} {value} (stored: {getattr(state.config, key)})" for key, value in overrides.items()
                          if value is not None and value != getattr(state.config, key)]
                 if module_path and module_path.replace("{layer}", str(state.config.layer)) != state.model.module_path:
