@@ -229,6 +229,13 @@ class MaskIndex:
         self._edits: list[int | set[int]] = []
         self._scratch = threading.local()
 
+    def __getstate__(self) -> dict:  # copies and pickles leave the per-thread scratch buffers behind
+        return {key: value for key, value in self.__dict__.items() if key != "_scratch"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._scratch = threading.local()
+
     def __len__(self) -> int:
         """Number of distinct masks."""
         return len(self._edits)

@@ -66,6 +66,21 @@ def test_ties_go_to_the_earliest_mask_and_exclusion_counts_minus_one():
     assert ratios.tolist() == [-0.5]  # as the dense code's overlap of -1: below any threshold
 
 
+def test_a_copy_is_independent_and_decides_the_same():
+    import copy
+    import pickle
+
+    index = MaskIndex(100, 5)
+    for edit in range(4):
+        index.add(edit, torch.arange(edit, edit + 5))
+    query = torch.tensor([[1, 2, 3, 4, 5]])  # edit 1 exactly; edits 0 and 2 share 4 columns
+    index.best_columns(query)  # scratch buffers exist now
+    clone = copy.deepcopy(index)
+    clone.remove(1)
+    assert index.best_columns(query)[0].tolist() == [1] and clone.best_columns(query)[0].tolist() == [0]
+    assert pickle.loads(pickle.dumps(index)).best_columns(query)[1].tolist() == [1.0]
+
+
 def test_popcount_of_every_bit_pattern_edge():
     words = torch.tensor([0, -1, 1, -(2**63), 2**63 - 1, 0x5555555555555555, -0x5555555555555556], dtype=torch.int64)
     want = [bin(int(w) & (2**64 - 1)).count("1") for w in words.tolist()]
