@@ -1,15 +1,16 @@
 """Scale: restarting a worker, verifying the ledger and checkpointing with 1 000 and 10 000 edits on
 SmolLM2, and the retrieval index at 10 000 masks (issue 15 §1-§2).
 
-    python -m benchmarks.bench_restart [--edits 1000 10000] [--model smollm2] [--dir /dev/shm]
-                                       [--repeats 3] [--skip-warm] [--label NAME]
+    python -m benchmarks.bench_restart [--edits 1000 10000] [--model smollm2] [--dir /tmp]
+                                       [--repeats 3] [--rank 200] [--skip-warm] [--skip-index] [--keep] [--label NAME]
 
 The stores are built cheaply: training 10 000 edits would take ~14 h here (5 s each), so each
 edit is a random but valid one written through the store's own write path (record_request,
 mark_applying, mark_applied: the delta file written and fsynced, then the ledger row), with a
 TopHash-shaped mask (k = 439 distinct sorted columns of D = 1536, what `topk_columns` returns for
-a random feature) and a factored delta G·Aᵀ of rank 16 (an 11-sample edit of ~1.5 target tokens;
-the size of a real SmolLM2 edit's). The memory itself (π, μ, prefixes, fitted threshold) is made
+a random feature) and a factored delta G·Aᵀ over `--rank` positions (default 200: real SmolLM2
+edits on zsRE span 197-219 positions, ~800 KB a delta file; 10 000 of them are 8 GB, so give
+`--dir` a disk with room). The memory itself (π, μ, prefixes, fitted threshold) is made
 by `Runtime.open` on the real model; a checkpoint is taken every 100 changes of W_m and the
 newest 3 kept, as a worker does. Then, each in a fresh process (median of `--repeats`):
 
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 NAME = "bench"
-RANK = 16
+RANK = 200  # token positions a real SmolLM2 edit's delta G·Aᵀ spans (197-219 measured on zsRE edits): ~800 KB
 
 
 def _rss_mb() -> float:
@@ -56,7 +57,7 @@ def _rss_mb() -> float:
 # -- building a store --------------------------------------------------------------------------
 
 
-def build(root: Path, model: str, edits: int, seed: int = 0) -> dict[str, Any]:
+def build(root: Path, model: str, edits: int, seed: int = 0, rank: int = RANK) -> dict[str, Any]:
     import torch
 
     from memoir import EditDelta, EditResult
@@ -77,8 +78,8 @@ def build(root: Path, model: str, edits: int, seed: int = 0) -> dict[str, Any]:
         edit, _ = store.record_request(NAME, f"r{n}", f"synthetic prompt {n}", f"target {n}")
         store.mark_applying(edit)
         mask = torch.randperm(size, generator=gen)[:k].sort().values
-        delta = EditDelta.from_factors(mask, torch.randn(d, RANK, generator=gen) * 1e-3,
-                                       torch.randn(k, RANK, generator=gen))
+        delta = EditDelta.from_factors(mask, torch.randn(d, rank, generator=gen) * 1e-3,
+                                       torch.randn(k, rank, generator=gen))
         store.mark_applied(edit, EditResult(edit.id, edit.prompt, edit.target, delta, [2.0, 0.01], 2, 0.01,
                                             "unrelated", {"rel": 1.0, "loc": 1.0}))
         delta.apply_to(weight, 1.0)
@@ -89,7 +90,7 @@ def build(root: Path, model: str, edits: int, seed: int = 0) -> dict[str, Any]:
             print(f"  built {n}/{edits} edits", file=sys.stderr, flush=True)
     written = time.perf_counter() - started
     store.close()
-    return {"edits": edits, "d": d, "D": size, "k": k, "memory_created_s": made, "edits_written_s": written,
+    return {"edits": edits, "rank": rank, "d": d, "D": size, "k": k, "memory_created_s": made, "edits_written_s": written,
             "tensor_bytes": sum(p.stat().st_size for p in (root / "tensors").rglob("*") if p.is_file())}
 
 
@@ -115,12 +116,23 @@ def child(kind: str, root: str, model: str) -> dict[str, Any]:
         load_model(model)
         out["load_s"] = time.perf_counter() - t0
     elif kind in ("restart", "warm"):
+        import workers.runtime as runtime_module
+
+        def timed_load(*args, **kwargs):  # the model's share of the restart, timed inside it
+            started = time.perf_counter()
+            try:
+                return load_model(*args, **kwargs)
+            finally:
+                out["model_s"] = time.perf_counter() - started
+
+        runtime_module.load_model = timed_load
         t0 = time.perf_counter()
         runtime = Runtime.open(model, store=root, name=NAME)
         t1 = time.perf_counter()
         runtime.resume()
         out["restart_s"] = time.perf_counter() - t0
         out["open_s"] = t1 - t0
+        out["memory_s"] = out["restart_s"] - out["model_s"]  # all but the model: store, checkpoint, deltas, index
         out["rss_ready_mb"] = _rss_mb()
         index = runtime.editor.memory.index
         out["index"] = {"masks": len(index), "bytes": index.nbytes}
@@ -129,7 +141,9 @@ def child(kind: str, root: str, model: str) -> dict[str, Any]:
         out["load_state_s"] = time.perf_counter() - t0
         if kind == "warm":
             t0 = time.perf_counter()
-            out["warmed"] = activations.warm(runtime)
+            ids = list(runtime.store.applied_masks(NAME))[-activations.WARM_EDITS :]  # what a start captures at most
+            out["warmed"] = activations.activation_cache(runtime.editor).ensure_ids(runtime.store, NAME, ids)
+            out["warm_at_start"] = activations.warm(runtime)  # 0 above WARM_EDITS live edits
             out["warm_s"] = time.perf_counter() - t0
             out["rss_warm_mb"] = _rss_mb()
         runtime.close()
@@ -173,9 +187,12 @@ def median_of(samples: list[dict[str, Any]], key: str) -> float:
     return statistics.median(s[key] for s in samples)
 
 
-def scale(root: Path, model: str, edits: int, repeats: int, warm: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"build": build(root, model, edits)}
-    print(f"  {edits} edits: built in {out['build']['edits_written_s']:.0f} s", file=sys.stderr, flush=True)
+def scale(root: Path, model: str, edits: int, repeats: int, warm: bool, rank: int = RANK) -> dict[str, Any]:
+    if (root / "ledger.db").exists():  # kept from an earlier run (--keep): measured again as it is
+        out: dict[str, Any] = {"build": {"edits": edits, "reused": str(root)}}
+    else:
+        out = {"build": build(root, model, edits, rank=rank)}
+        print(f"  {edits} edits: built in {out['build']['edits_written_s']:.0f} s", file=sys.stderr, flush=True)
     bare, restart = [], []
     for _ in range(repeats):  # taking turns, so that a busy moment of the shared machine hits both
         bare.append(run_child("bare", root, model))
@@ -183,9 +200,13 @@ def scale(root: Path, model: str, edits: int, repeats: int, warm: bool) -> dict[
     out["bare"] = {"load_s": [s["load_s"] for s in bare], "median_s": median_of(bare, "load_s"),
                    "rss_peak_mb": median_of(bare, "rss_peak_mb")}
     out["restart"] = {"restart_s": [s["restart_s"] for s in restart], "median_s": median_of(restart, "restart_s"),
+                      "model_s": [s["model_s"] for s in restart], "memory_s": [s["memory_s"] for s in restart],
+                      "memory_median_s": median_of(restart, "memory_s"),
                       "load_state_s": median_of(restart, "load_state_s"), "rss_ready_mb": median_of(restart, "rss_ready_mb"),
                       "index": restart[0]["index"]}
     out["restart_over_bare"] = out["restart"]["median_s"] / out["bare"]["median_s"]
+    # steadier on a shared machine: the bare load plus what a restart adds to its own model load
+    out["restart_over_bare_by_parts"] = (out["bare"]["median_s"] + out["restart"]["memory_median_s"]) / out["bare"]["median_s"]
     verifies = [run_verify(root) for _ in range(repeats)]
     out["verify"] = {"verify_s": [v["verify_s"] for v in verifies], "median_s": median_of(verifies, "verify_s"),
                      "rss_peak_mb": max(v["rss_peak_mb"] or 0 for v in verifies), "ok": verifies[0]["ok"],
@@ -252,12 +273,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edits", type=int, nargs="+", default=[1000, 10_000])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--dir", default="/dev/shm")
+    parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=RANK, help="token positions of each synthetic delta")
     parser.add_argument("--skip-warm", action="store_true", help="do not measure activations.warm")
     parser.add_argument("--skip-index", action="store_true")
     parser.add_argument("--label", default=None)
-    parser.add_argument("--keep", action="store_true", help="keep each store in DIR/bench_restart-N")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each store in DIR/bench_restart-N (one found there is measured again, not rebuilt)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "ROOT", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -266,7 +289,7 @@ def main() -> None:
     from benchmarks.common import machine, write_result
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    results: dict[str, Any] = {"model": args.model, "repeats": args.repeats, "scale": {}, "index": []}
+    results: dict[str, Any] = {"model": args.model, "repeats": args.repeats, "rank": args.rank, "scale": {}, "index": []}
     if not args.skip_index:
         for size, k in ((1536, 439), (14336, 4096)):
             results["index"].append(index_figures(size, k))
@@ -274,10 +297,11 @@ def main() -> None:
     for edits in args.edits:
         if args.keep:  # the store stays, for a look afterwards
             root = Path(args.dir) / f"bench_restart-{edits}"
-            results["scale"][str(edits)] = scale(root, args.model, edits, args.repeats, not args.skip_warm)
+            results["scale"][str(edits)] = scale(root, args.model, edits, args.repeats, not args.skip_warm, args.rank)
             continue
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-            results["scale"][str(edits)] = scale(Path(tmp) / "store", args.model, edits, args.repeats, not args.skip_warm)
+            results["scale"][str(edits)] = scale(Path(tmp) / "store", args.model, edits, args.repeats,
+                                                 not args.skip_warm, args.rank)
         print(json.dumps(results["scale"][str(edits)]), file=sys.stderr, flush=True)
     results["machine"] = machine()
     path = write_result("bench_restart" + (f"-{args.label}" if args.label else ""), results)

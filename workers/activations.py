@@ -5,7 +5,7 @@ captured once per process (`ActivationCache`, memory off: nothing upstream of th
 on W_m), so a rollback scores hundreds of edits — which of their target tokens the memory as it
 stands predicts right, with retrieval as at inference — running only the layers after the edited
 one (memoir.fastpath); other architectures score with batched full forwards. `warm` captures
-the newest live edits' activations when a worker starts (a bounded number: restarts stay fast).
+the live edits' activations when a worker starts, when there are few (restarts stay fast).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from workers.runtime import Runtime
 
 GROUP_SIZE = 64  # prompts captured per forward by the activation cache
-WARM_EDITS = 256  # live edits a starting worker captures (`warm`): the newest ones
+WARM_EDITS = 256  # a starting worker captures every live edit when there are at most this many (`warm`)
 
 
 @dataclass
@@ -168,15 +168,18 @@ def activation_cache(editor: Editor) -> ActivationCache:
 
 
 def warm(runtime: "Runtime", limit: int | None = WARM_EDITS) -> int:
-    """Capture the activations of the newest `limit` live edits now (None: every one), e.g. when a
-    worker starts, so that the first rollback pays mostly for scoring; returns how many were captured.
+    """Capture the activations of every live edit now, e.g. when a worker starts, so that the first
+    rollback pays only for scoring, unless there are more than `limit` (None: no limit); returns how
+    many were captured.
 
-    Bounded because a capture is a forward pass per 64 edits: on SmolLM2 ~0.1 s an edit on this
-    CPU, minutes at 10 000 edits, before the worker could take its first request (BENCHMARKS.md,
-    Scale). A rollback captures the edits it needs and lacks (`ActivationCache.ensure_ids`)."""
-    ids = list(runtime.store.applied_masks(runtime.name))  # in the order they were applied
-    if limit is not None:
-        ids = ids[len(ids) - limit :] if 0 < limit < len(ids) else ids if limit > 0 else []
+    Bounded because a capture costs a forward pass per 64 edits and ~1.6 MB of memory an edit on
+    SmolLM2 (BENCHMARKS.md, Scale): at 10 000 edits minutes and ~16 GB before the worker could take
+    its first request. Above the limit nothing is captured at start: a rollback then needs nearly
+    every live edit anyway (at k/D ≈ 0.29 each shares a column with any other) and captures what
+    it lacks (`ActivationCache.ensure_ids`)."""
+    ids = list(runtime.store.applied_masks(runtime.name))
+    if limit is not None and len(ids) > limit:
+        return 0
     return activation_cache(runtime.editor).ensure_ids(runtime.store, runtime.name, ids)
 
 
