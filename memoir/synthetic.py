@@ -176,7 +176,7 @@ def stream(count: int | None = None, seed: int = 0, split: Sequence[dict[str, An
         answer = relation.answer(rng)
         order = list(relation.phrasings)
         rng.shuffle(order)
-        texts = [p.format(subject) for p in order]
+        texts = [p.replace("{}", subject) for p in order]  # the phrasing with its subject in
         texts = [t[0].upper() + t[1:] for t in texts]
         loc, loc_ans = rng.choice(locs)
         if subject in subjects or any(t in prompts for t in texts) or answer == subject:

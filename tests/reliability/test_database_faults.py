@@ -258,10 +258,10 @@ def test_the_cli_waits_for_a_restarting_database_within_bounds(pg: Database, tmp
     back.join()
     assert done.returncode == 0 and last_json(done.stdout) == [], done.stderr
     assert time.monotonic() - started > 2.0 and "unavailable" in done.stderr
-    # down for longer than the retries: a clear error within the bound, no traceback
+    # down for longer than the retries: a clear error within the bound, no traceback, exit 3 (service)
     pg.refuse()
     started = time.monotonic()
     done = run_cli("ledger", "list", "--store", pg.url, env={**env, "MEMOIR_DB_RETRY_SECONDS": "2"})
-    assert done.returncode == 1 and "error: cannot open the store" in done.stderr, done.stderr
+    assert done.returncode == 3 and "error: cannot open the store" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and time.monotonic() - started < 60
     pg.allow()
