@@ -128,6 +128,15 @@ def _check_json(field: str, value: Any) -> None:
         raise InvalidRequestError(f"{field} is a {type(value).__name__}, not JSON data")
 
 
+def _statuses(status: str | Sequence[str]) -> list[str]:
+    """The statuses asked for, each a known one (StoreError naming the others)."""
+    wanted = [status] if isinstance(status, str) else list(status)
+    unknown = set(wanted) - set(STATUSES)
+    if unknown:
+        raise StoreError(f"unknown status {sorted(unknown)}: one of {', '.join(STATUSES)}")
+    return wanted
+
+
 class Store:
     """The ledger and tensor files of one or more memories. Open with `Store.open(...)`."""
 
@@ -551,11 +560,7 @@ class Store:
         if name is not None:
             query = query.where(Edit.memory == self._memory_row(name).id)
         if status is not None:
-            wanted = [status] if isinstance(status, str) else list(status)
-            unknown = set(wanted) - set(STATUSES)
-            if unknown:
-                raise StoreError(f"unknown status {sorted(unknown)}: one of {', '.join(STATUSES)}")
-            query = query.where(Edit.status.in_(wanted))
+            query = query.where(Edit.status.in_(_statuses(status)))
         if limit is not None:
             query = query.order_by(Edit.id.desc()).limit(limit)
             return [self._edit_record(r) for r in reversed(list(query))]
@@ -569,11 +574,7 @@ class Store:
         query = (Edit.select(Edit, self.t.Memory).join(self.t.Memory)
                  .where((Edit.memory == self._memory_row(name).id) & (Edit.seq > after_seq)))
         if status is not None:
-            wanted = [status] if isinstance(status, str) else list(status)
-            unknown = set(wanted) - set(STATUSES)
-            if unknown:
-                raise StoreError(f"unknown status {sorted(unknown)}: one of {', '.join(STATUSES)}")
-            query = query.where(Edit.status.in_(wanted))
+            query = query.where(Edit.status.in_(_statuses(status)))
         return [self._edit_record(r) for r in query.order_by(Edit.seq).limit(limit)]
 
     def pending(self, name: str) -> list[EditRecord]:
