@@ -303,6 +303,9 @@ class Store:
         roll back each is recorded with it (store/jobs.py), `replaces` (default: the first) links
         them. The request id is the idempotency key: the same id with the same payload returns
         the row already there (created False); with another payload it raises RequestConflictError."""
+        for edit_id in [replaces, *(supersedes or ())]:
+            if edit_id is not None and (isinstance(edit_id, bool) or not isinstance(edit_id, int) or edit_id < 1):
+                raise InvalidRequestError(f"replaces must be a ledger edit id (a positive integer), not {edit_id!r}")
         supersedes = list(supersedes) if supersedes is not None else [replaces] if replaces is not None else []
         replaces = replaces if replaces is not None or not supersedes else supersedes[0]
         _check_text("request_id", request_id)

@@ -179,7 +179,8 @@ def test_request_id_is_unique_and_idempotent(store):
 @pytest.mark.parametrize("bad", [
     {"request_id": ""}, {"request_id": "x" * 300}, {"prompt": 3}, {"target": None}, {"rephrases": "one"},
     {"rephrases": [1]}, {"metadata": ["x"]}, {"metadata": {"k": object()}}, {"prompt": "bad \udcff utf-8"},
-    {"target": "nul\x00"},
+    {"target": "nul\x00"}, {"replaces": []}, {"replaces": "3"}, {"replaces": True}, {"replaces": 0},
+    {"supersedes": [[]]},
 ])
 def test_unrecordable_requests_are_refused(store, bad):
     args = {"request_id": "ok", "prompt": "p", "target": "t", "rephrases": [], "metadata": {}, **bad}
