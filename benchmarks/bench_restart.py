@@ -11,8 +11,8 @@ TopHash-shaped mask (k = 439 distinct sorted columns of D = 1536, what `topk_col
 a random feature) and a factored delta G·Aᵀ over `--rank` positions (default 200: real SmolLM2
 edits on zsRE span 197-219 positions, ~800 KB a delta file; 10 000 of them are 8 GB, so give
 `--dir` a disk with room). The memory itself (π, μ, prefixes, fitted threshold) is made
-by `Runtime.open` on the real model; a checkpoint is taken every 100 changes of W_m and the
-newest 3 kept, as a worker does. Then, each in a fresh process (median of `--repeats`):
+by `Runtime.open` on the real model; a checkpoint is taken every `DEFAULT_CHECKPOINT_EVERY` (25)
+changes of W_m and the newest 3 kept, as a worker does. Then, each in a fresh process (median of `--repeats`):
 
 - bare model load: `load_model(model)`, the floor of any restart;
 - restart to ready: what `memoir worker` does between its imports and Celery's start:
@@ -65,7 +65,7 @@ def build(root: Path, model: str, edits: int, seed: int = 0, rank: int = RANK) -
     from workers.runtime import Runtime
 
     started = time.perf_counter()
-    with Runtime.open(model, store=root, name=NAME, checkpoint_every=100) as runtime:
+    with Runtime.open(model, store=root, name=NAME) as runtime:  # the default checkpoint interval
         memory = runtime.editor.memory
         d, size, k = memory.site.out_features, memory.site.in_features, memory.top_k
     made = time.perf_counter() - started

@@ -1,7 +1,7 @@
 """Checkpoints of W_m: which edits one holds, how loading builds on it, and which ones to keep.
 
 A checkpoint row records its memory version, its file and the file's hash; the file holds W_m,
-the index of the edits it contains and, aligned with the index's edit ids, the sha256 of the
+the index of the edits it contains (their masks as the ledger's bitmaps, D/8 bytes each) and, aligned with the index's edit ids, the sha256 of the
 delta each one held then (`member_sha256`, 32 bytes a row). The ledger's work per edit is then
 the same whatever the history: deciding whether a checkpoint is due reads one number. Rows of
 the old form (before this file existed) list {edit id: delta sha256} in their `members` column
@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 from store.records import EditRecord, StoreError
 
 MEMBERS = "member_sha256"
+MASK_BITS = "mask_bits"  # the held edits' masks, the ledger's D-bit bitmaps (older files: `masks`, k columns)
 DEFAULT_KEEP = 3  # checkpoints kept per memory (`--keep-checkpoints`)
 
 
@@ -63,4 +64,4 @@ def check_keep(keep: Any) -> int:
     return keep
 
 
-__all__ = ["DEFAULT_KEEP", "MEMBERS", "check_keep", "held", "plan", "row_members"]
+__all__ = ["DEFAULT_KEEP", "MASK_BITS", "MEMBERS", "check_keep", "held", "plan", "row_members"]

@@ -42,6 +42,7 @@ from store.blobs import Blobs, LocalBlobs, open_blobs, put_content_addressed, re
 from store.files import FILE_MODE, private_dir
 from store.jobs import JobRecord
 from store.lock import WriterLock
+from store.parallel import ordered_map
 from store.models import Tables
 from store.records import (
     APPLIED,
@@ -80,7 +81,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "./memoir-store"
 LEDGER_FILE = "ledger.db"
-DEFAULT_CHECKPOINT_EVERY = 100
+DEFAULT_CHECKPOINT_EVERY = 25  # a restart adds at most 24 deltas; a checkpoint at 10 000 edits costs ~0.1 s
 MAX_REQUEST_ID = 255
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SQLITE_PRAGMAS = {"journal_mode": "wal", "foreign_keys": 1, "synchronous": "full", "busy_timeout": 30_000}
@@ -590,13 +591,14 @@ class Store:
 
     def applied_refs(self, name: str) -> list[DeltaRef]:
         """The live edits as loading needs them (id, delta file and hash, mask bitmap), in applied
-        order: one query of five columns, no record objects, no JSON fields decoded."""
+        order: one query of five columns, its rows straight from the driver's cursor (no peewee row
+        processing: a third of the time at 10 000 edits), no JSON fields decoded."""
         Edit = self.t.Edit
-        rows = (Edit.select(Edit.id, Edit.delta_file, Edit.delta_sha256, Edit.mask, Edit.applied_version)
-                .where((Edit.memory == self._memory_row(name).id) & (Edit.status == APPLIED))
-                .order_by(Edit.applied_version).tuples())
+        query = (Edit.select(Edit.id, Edit.delta_file, Edit.delta_sha256, Edit.mask, Edit.applied_version)
+                 .where((Edit.memory == self._memory_row(name).id) & (Edit.status == APPLIED))
+                 .order_by(Edit.applied_version))
         return [DeltaRef(i, file, sha, bytes(mask) if mask is not None else None, version)
-                for i, file, sha, mask, version in rows]
+                for i, file, sha, mask, version in self.db.execute(query).fetchall()]
 
     def applied_masks(self, name: str) -> dict[int, bytes]:
         """The live edits' masks as D-bit bitmaps (edit id -> bytes), in applied order: the index
@@ -713,13 +715,20 @@ class Store:
         from zeros), on `device` (default the CPU). Rollback and replay rebuild a past memory with it."""
         from store import tensors
 
+        import torch
+
         memory = self.get_memory(name)
         checkpoint, loaded = self.base_checkpoint(name, before_version)
         subtract, add = ckpts.plan(self.checkpoint_members(checkpoint, loaded) if checkpoint else {}, edits)
+        device = torch.device(device if device is not None else "cpu")
+
+        def read(file_and_sha: tuple[str, str]) -> "EditDelta":  # in reader threads: read, hash, multiply out
+            return tensors.delta_for(self.read_tensor(*file_and_sha), device)
+
         return tensors.rebuild_weight(
             (memory.hidden_size, memory.intermediate_size), loaded,
-            (self.read_tensor(self.delta_key(name, sha), sha) for sha in subtract),
-            (self.read_tensor(e.delta_file, e.delta_sha256) for e in add), device)
+            ordered_map(read, [(self.delta_key(name, sha), sha) for sha in subtract]),
+            ordered_map(read, [(e.delta_file, e.delta_sha256) for e in add]), device)
 
     def load_state(self, name: str, expect: "ModelIdentity | None" = None, device: Any = None) -> "MemoryState":
         """The memory as it stands: newest checkpoint + later deltas (added on `device`, default the

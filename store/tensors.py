@@ -17,7 +17,7 @@ from safetensors.torch import save as save_bytes
 from memoir.delta import EditDelta
 from memoir.state import MemoryMismatchError, MemoryState, ModelIdentity
 from memoir.tophash import PackedMasks
-from store.checkpoints import MEMBERS
+from store.checkpoints import MASK_BITS, MEMBERS
 from store.files import sha256_bytes
 from store.blobs import CorruptFileError
 from store.records import StoreError
@@ -51,18 +51,21 @@ def state_bytes(state: MemoryState) -> bytes:
 
 def checkpoint_bytes(weight: torch.Tensor, held: list[tuple[int, bytes, str]], size: int, k: int,
                      version: int) -> bytes:
-    """W_m (fp32), the retrieval index it goes with (edit ids and their masks) and the delta each
-    edit held (sha256, 32 bytes a row), from (edit id, D-bit mask bitmap, delta sha256) rows."""
+    """W_m (fp32), the retrieval index it goes with (edit ids and their masks as the ledger's D-bit
+    bitmaps, `mask_bits`) and the delta each edit held (sha256, 32 bytes a row), from (edit id,
+    bitmap, delta sha256) rows. Files written before `mask_bits` hold `masks`, k int32 columns a row."""
     import numpy as np
 
     held = sorted(held)
-    bits = np.frombuffer(b"".join(row[1] for row in held), dtype=np.uint8).reshape(len(held), -1)
-    columns = np.unpackbits(bits, axis=1, count=size, bitorder="little").nonzero()[1]
-    if columns.size != len(held) * k:
+    width = (size + 7) // 8
+    if any(len(row[1]) != width for row in held):
+        raise StoreError(f"the masks of the edits to checkpoint are not all {size}-bit bitmaps")
+    bits = np.frombuffer(b"".join(row[1] for row in held), dtype=np.uint8).reshape(len(held), width)
+    if not bool((np.bitwise_count(bits).sum(axis=1, dtype=np.int64) == k).all()):
         raise StoreError(f"the masks of the edits to checkpoint do not all have {k} columns")
     tensors = {"weight": weight.detach().to(device="cpu", dtype=torch.float32).contiguous(),
                "mask_edit_ids": torch.tensor([row[0] for row in held], dtype=torch.int64),
-               "masks": torch.from_numpy(columns.astype(np.int32).reshape(len(held), k)),
+               MASK_BITS: torch.from_numpy(bits.copy()),
                MEMBERS: torch.frombuffer(bytearray(b"".join(bytes.fromhex(row[2]) for row in held)),
                                          dtype=torch.uint8).reshape(len(held), 32)}
     return save_bytes(tensors, metadata={"version": str(version)})
@@ -89,18 +92,26 @@ def build_state(meta: dict[str, Any], fixed: bytes, weight: torch.Tensor,
     return state
 
 
+def delta_for(data: bytes, device: torch.device) -> EditDelta:
+    """A delta file's EditDelta as W_m on `device` adds it: multiplied out already when W_m is on
+    the CPU (the product then runs in the thread that read the file), factored for an accelerator."""
+    delta = delta_from_bytes(data)
+    if device.type == "cpu" and delta.is_factored:
+        return EditDelta(mask=delta.mask, dense_=delta.dense())
+    return delta
+
+
 def rebuild_weight(shape: tuple[int, int], checkpoint: dict[str, torch.Tensor] | None,
-                   subtract: Iterable[bytes], add: Iterable[bytes], device: Any = None) -> torch.Tensor:
+                   subtract: Iterable[EditDelta], add: Iterable[EditDelta], device: torch.device) -> torch.Tensor:
     """A checkpoint's W_m (or zeros), minus the deltas it holds that are not wanted, plus the
     wanted deltas it lacks (in the order they were applied: the same sums as the live memory),
-    built on `device` (default the CPU): a worker rebuilds on its own device, where it applied them."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    built on `device`: a worker rebuilds on its own device, where it applied them."""
     weight = (checkpoint["weight"].to(device) if checkpoint is not None
               else torch.zeros(shape, dtype=torch.float32, device=device))
     if tuple(weight.shape) != tuple(shape):
         raise CorruptFileError(f"checkpoint W_m has shape {tuple(weight.shape)}, the memory {tuple(shape)}")
-    for data in subtract:
-        delta_from_bytes(data).apply_to(weight, -1.0)
-    for data in add:
-        delta_from_bytes(data).apply_to(weight, 1.0)
+    for delta in subtract:
+        delta.apply_to(weight, -1.0)
+    for delta in add:
+        delta.apply_to(weight, 1.0)
     return weight

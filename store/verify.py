@@ -24,6 +24,7 @@ from safetensors.numpy import load as load_bytes
 
 from store import checkpoints as ckpts
 from store.files import TMP_SUFFIX, sha256_bytes
+from store.parallel import ordered_map
 from store.records import APPLIED, FAILED, PENDING, ROLLED_BACK, STATUSES, StoreError, VerifyReport
 
 if TYPE_CHECKING:
@@ -67,25 +68,31 @@ class _Files:
         self.store, self.report, self.prefix = store, report, prefix
         self.bad: set[str] = set()
 
-    def load(self, relative: str, sha256: str, what: str) -> dict[str, np.ndarray] | None:
-        if relative in self.bad:
-            return None
-        problem = None
+    def fetch(self, relative: str, sha256: str) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        """(tensors, None), or (None, what is wrong with the file). Changes nothing: safe in threads."""
         try:
             data = self.store.blobs.get(relative)
         except OSError as exc:
-            problem = f"file {relative} is missing ({exc.strerror or exc})"
-        else:
-            if sha256_bytes(data) != sha256:
-                problem = f"file {relative} is corrupt (sha256 differs from the ledger)"
-            else:
-                try:
-                    return load_bytes(data)
-                except Exception as exc:  # noqa: BLE001 - any parse failure is a finding
-                    problem = f"file {relative} cannot be read as safetensors ({exc})"
-        self.bad.add(relative)
-        self.report.errors.append(f"{self.prefix}{what}: {problem}")
-        return None
+            return None, f"file {relative} is missing ({exc.strerror or exc})"
+        if sha256_bytes(data) != sha256:
+            return None, f"file {relative} is corrupt (sha256 differs from the ledger)"
+        try:
+            return load_bytes(data), None
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a finding
+            return None, f"file {relative} cannot be read as safetensors ({exc})"
+
+    def found(self, relative: str, problem: str | None, what: str) -> None:
+        """Report a bad file (once, under the first `what` that needed it)."""
+        if problem is not None and relative not in self.bad:
+            self.bad.add(relative)
+            self.report.errors.append(f"{self.prefix}{what}: {problem}")
+
+    def load(self, relative: str, sha256: str, what: str) -> dict[str, np.ndarray] | None:
+        if relative in self.bad:
+            return None
+        tensors, problem = self.fetch(relative, sha256)
+        self.found(relative, problem, what)
+        return tensors
 
 
 def _dense(tensors: dict[str, np.ndarray]) -> np.ndarray:
@@ -164,22 +171,36 @@ def _verify_memory(store: "Store", memory: Any, live: "MemoryState | None", repo
     shape = (memory.hidden_size, memory.intermediate_size)
     total_t = np.zeros(shape[::-1], dtype=np.float32)  # W_mᵀ: the sum of the applied deltas, from zero
     # (transposed, so that an edit's k columns are k contiguous rows: 4x faster to add than columns)
-    for edit in edits:
+    size = memory.intermediate_size
+
+    def read(edit: _Row) -> tuple[dict[str, np.ndarray] | None, str | None, bytes, np.ndarray | None]:
+        """An edit's delta file, checked and multiplied out (in a thread): (tensors, problem, bitmap, Δᵀ)."""
+        if not (edit.delta_file and edit.delta_sha256):
+            return None, None, b"", None
+        tensors, problem = files.fetch(edit.delta_file, edit.delta_sha256)
+        if tensors is None:
+            return None, problem, b"", None
+        counted = edit.status == APPLIED and _shapes_ok(tensors, memory)
+        return tensors, None, _bitmap(tensors["mask"], size), _dense_t(tensors) if counted else None
+
+    for edit, (tensors, problem, bitmap, delta_t) in zip(edits, ordered_map(read, edits)):
         what = f"edit {edit.id} (seq {edit.seq})"
         _check_status(edit, events[edit.id], memory, prefix + what, errors, warnings)
         if edit.status == APPLIED:
             applied.append(edit)
         if edit.delta_file and edit.delta_sha256:
             referenced.add(edit.delta_file)
-            tensors = files.load(edit.delta_file, edit.delta_sha256, what)
+            files.found(edit.delta_file, problem, what)
             report.checked["delta_files"] += 1
             if tensors is not None:
-                bitmap = _bitmap(tensors["mask"], memory.intermediate_size)
                 file_masks[edit.id] = _key(bitmap)
                 if edit.mask_bits is not None and bytes(edit.mask_bits) != bitmap:
                     errors.append(f"{prefix}{what}: the ledger's mask differs from the mask in its delta file")
-                if _check_shapes(tensors, memory, prefix + what, errors) and edit.status == APPLIED:
-                    total_t[tensors["mask"].astype(np.int64)] += _dense_t(tensors)
+                if not _shapes_ok(tensors, memory):
+                    errors.append(f"{prefix}{what}: its delta file does not have the memory's shapes "
+                                  f"(d={memory.hidden_size}, k={memory.top_k})")
+                elif delta_t is not None:
+                    total_t[tensors["mask"].astype(np.int64)] += delta_t
     applied.sort(key=lambda e: e.applied_version or 0)
     report.checked["applied"] += len(applied)
     if applied and (applied[-1].applied_version or 0) > memory.version:
@@ -252,7 +273,9 @@ def _columns(bitmap: bytes) -> int:
     return int.from_bytes(bitmap, "little").bit_count()
 
 
-def _check_shapes(tensors: dict[str, np.ndarray], memory: Any, what: str, errors: list[str]) -> bool:
+def _shapes_ok(tensors: dict[str, np.ndarray], memory: Any) -> bool:
+    """Whether a delta file holds the memory's shapes: Δ (d × k) or factors G (d × r), A (k × r), and
+    k columns within 0..D-1."""
     d, k = memory.hidden_size, memory.top_k
     if "dense" in tensors:
         ok = tensors["dense"].shape == (d, k)
@@ -260,10 +283,7 @@ def _check_shapes(tensors: dict[str, np.ndarray], memory: Any, what: str, errors
         g, a = tensors.get("g"), tensors.get("a")
         ok = g is not None and a is not None and g.shape[0] == d and a.shape[0] == k and g.shape[1] == a.shape[1]
     mask = tensors["mask"]
-    ok = ok and mask.shape == (k,) and bool(((mask >= 0) & (mask < memory.intermediate_size)).all())
-    if not ok:
-        errors.append(f"{what}: its delta file does not have the memory's shapes (d={d}, k={k})")
-    return ok
+    return ok and mask.shape == (k,) and bool(((mask >= 0) & (mask < memory.intermediate_size)).all())
 
 
 def _rebuild(store: "Store", name: str, files: _Files, newest: Any, tensors: dict[str, np.ndarray],
@@ -275,7 +295,9 @@ def _rebuild(store: "Store", name: str, files: _Files, newest: Any, tensors: dic
     if weight.shape != shape:
         errors.append(f"{prefix}checkpoint v{newest.version} has W_m of shape {weight.shape}, not {shape}")
         return None
-    index = dict(zip(tensors["mask_edit_ids"].tolist(), (_key(_bitmap(m, shape[1])) for m in tensors["masks"])))
+    held_masks = ((_key(row.tobytes()) for row in tensors[ckpts.MASK_BITS]) if ckpts.MASK_BITS in tensors
+                  else (_key(_bitmap(m, shape[1])) for m in tensors["masks"]))  # files of the older form
+    index = dict(zip(tensors["mask_edit_ids"].tolist(), held_masks))
     if set(index) != set(members):
         errors.append(f"{prefix}checkpoint v{newest.version}: its index holds edits {sorted(index)}, "
                       f"its list of deltas {sorted(members)}")

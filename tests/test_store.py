@@ -6,6 +6,7 @@ the files and the invariants; tests/test_runtime.py drives the store with real e
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import subprocess
@@ -313,6 +314,38 @@ def test_verify_finds_statuses_that_break_the_rules(store):
     store.t.Edit.update(status=FAILED, reason=None).where(store.t.Edit.id == failed.id).execute()
     errors = store.verify("default").errors
     assert any("has no delta_file" in e for e in errors) and any("failed without a reason" in e for e in errors)
+
+
+def test_verify_reads_deltas_in_threads_and_reports_as_one_thread_does(store, monkeypatch):
+    """Delta files are read, hashed and multiplied out in threads: every fault is still found, once,
+    in ledger order, and the report equals the one-thread report."""
+    from safetensors.torch import save as save_tensors
+
+    weight = torch.zeros(D_MODEL, D_FFN)
+    edits = [apply_edit(store, weight, n)[0] for n in range(40)]
+    assert store.verify("default").ok
+    store.path(edits[3].delta_file).unlink()  # missing
+    corrupt = store.path(edits[11].delta_file)
+    data = bytearray(corrupt.read_bytes())
+    data[-1] ^= 0x01
+    corrupt.write_bytes(bytes(data))  # corrupt
+    other = [c for c in range(D_FFN) if c not in edits[20].mask][:K]
+    store.t.Edit.update(mask=encode_mask(other, D_FFN)).where(store.t.Edit.id == edits[20].id).execute()
+    wrong = save_tensors({"mask": torch.tensor(edits[29].mask), "g": torch.zeros(D_MODEL + 1, 3),
+                          "a": torch.zeros(K, 3)})  # valid file, hash in the ledger, wrong shapes
+    store.path(edits[29].delta_file).write_bytes(wrong)
+    store.t.Edit.update(delta_sha256=hashlib.sha256(wrong).hexdigest()).where(
+        store.t.Edit.id == edits[29].id).execute()
+    monkeypatch.setattr("store.parallel.THREADS", 4)
+    threaded = store.verify("default")
+    monkeypatch.setattr("store.parallel.THREADS", 1)
+    alone = store.verify("default")
+    assert threaded.errors == alone.errors and threaded.checked == alone.checked
+    per_edit = [e for e in threaded.errors if "(seq " in e]
+    assert [next(i for i, x in enumerate(edits) if f"edit {x.id} (seq" in e) for e in per_edit] == [3, 11, 20, 29]
+    assert "missing" in per_edit[0] and "corrupt" in per_edit[1] and "mask differs" in per_edit[2]
+    assert "shapes" in per_edit[3]
+    assert threaded.checked["delta_files"] == 40
 
 
 def test_load_refuses_another_model(store):
