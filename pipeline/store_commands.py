@@ -19,6 +19,10 @@ from store.checkpoints import DEFAULT_KEEP
 keep_checkpoints_option = click.option(
     "--keep-checkpoints", "keep_checkpoints", type=click.IntRange(min=1), default=DEFAULT_KEEP, show_default=True,
     help="checkpoints of the memory kept (the newest; the older ones are pruned after each new one)")
+checkpoint_every_option = click.option(
+    "--checkpoint-every", "checkpoint_every", type=click.IntRange(min=1), default=None,
+    help="changes of W_m between checkpoints, recorded with the memory [default: as recorded; 25 for a new "
+         "memory]; a restart adds at most this many deltas minus one to the newest checkpoint")
 
 
 @click.group("store")
@@ -75,4 +79,4 @@ def compact(store_path: str | None, name: str | None, keep_checkpoints: int, as_
         click.echo(f"memory {memory!r}: {removed}, kept {len(r['kept'])}, freed {r['bytes_freed']} bytes")
 
 
-__all__ = ["compact", "keep_checkpoints_option", "store"]
+__all__ = ["checkpoint_every_option", "compact", "keep_checkpoints_option", "store"]

@@ -13,7 +13,7 @@ import click
 from pipeline.cli import EXIT_FAILED, EXIT_INVALID, emit_json, fail
 from pipeline.runtime_options import device_option, dtype_option, n_iter_option, threshold_option
 from pipeline.schema import EditRequest, scan_edit_file
-from pipeline.store_commands import keep_checkpoints_option
+from pipeline.store_commands import checkpoint_every_option, keep_checkpoints_option
 from pipeline.model_options import prompt_format_option
 from pipeline.model_options import model_option, module_path_option
 
@@ -81,11 +81,12 @@ def _open_runtime(**kwargs: Any):
 @module_path_option
 @prompt_format_option
 @keep_checkpoints_option
+@checkpoint_every_option
 @click.option("--json", "as_json", is_flag=True,
               help='last line: {"applied", "failed", "skipped", "ids", "superseded", ...}')
 def apply(model: str, store_path: str | None, name: str, device: str, dtype: str | None, file: Path,
           layer: int | None, top_k: int | None, threshold: float | None, n_iter: int | None,
-          module_path: str | None, keep_checkpoints: int, as_json: bool,
+          module_path: str | None, keep_checkpoints: int, checkpoint_every: int | None, as_json: bool,
           prompt_format: str | None = None) -> None:
     """Apply the edits of FILE in-process, straight into the store (no Redis): offline bulk import.
 
@@ -109,7 +110,7 @@ def apply(model: str, store_path: str | None, name: str, device: str, dtype: str
         config = MemoirConfig(n_iter=n_iter)
     runtime = _open_runtime(model=model, store=store_path, name=name, layer=layer, top_k=top_k, device=device,
                             dtype=dtype, threshold=threshold, config=config, module_path=module_path,
-                            keep_checkpoints=keep_checkpoints,
+                            keep_checkpoints=keep_checkpoints, checkpoint_every=checkpoint_every,
                             prompt_format=prompt_format)
     counts = {"applied": 0, "failed": 0, "skipped": len(problems)}
     ids: list[int] = []

@@ -17,7 +17,7 @@ import click
 
 from pipeline.cli import EXIT_INVALID, EXIT_UNAVAILABLE, fail
 from pipeline.runtime_options import device_option, dtype_option, n_iter_option, threshold_option
-from pipeline.store_commands import keep_checkpoints_option
+from pipeline.store_commands import checkpoint_every_option, keep_checkpoints_option
 from pipeline.model_options import prompt_format_option
 from pipeline.logs import log_format_option
 from pipeline.model_options import model_option, module_path_option
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 @click.option("--lock-wait", type=float, default=0.0, show_default=True,
               help="Seconds to wait for another worker's writer lock before giving up.")
 @keep_checkpoints_option
+@checkpoint_every_option
 @click.option("--loglevel", default="INFO", show_default=True)
 @log_format_option
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=0, show_default=True,
@@ -54,7 +55,8 @@ log = logging.getLogger(__name__)
               help="Send Celery task events and answer remote control, for Flower and `celery inspect`.")
 def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str | None, layer: int | None,
            top_k: int | None, threshold: float | None, device: str, dtype: str | None, n_iter: int | None,
-           module_path: str | None, lock_wait: float, keep_checkpoints: int, loglevel: str, log_format: str,
+           module_path: str | None, lock_wait: float, keep_checkpoints: int, checkpoint_every: int | None,
+           loglevel: str, log_format: str,
            metrics_port: int, metrics_host: str, events: bool,
            prompt_format: str | None = None) -> None:
     """Serve memory NAME: apply the edits of queue memoir.<NAME> serially into the store."""
@@ -96,7 +98,7 @@ def worker(model_name: str, name: str, store_path: str | None, tensor_dir: str |
         runtime = Runtime.open(model_name, store=store, name=name, layer=layer, top_k=top_k, device=device,
                                dtype=dtype, threshold=threshold, config=config, lock_wait=lock_wait,
                                module_path=module_path, keep_checkpoints=keep_checkpoints,
-                               prompt_format=prompt_format)
+                               checkpoint_every=checkpoint_every, prompt_format=prompt_format)
         redis_client = settings.redis_client(url)
         board = StatusBoard(redis_client, name)
         store.board = board
