@@ -18,7 +18,8 @@ changes of W_m and the newest 3 kept, as a worker does. Then, each in a fresh pr
 - restart to ready: what `memoir worker` does between its imports and Celery's start:
   `Runtime.open` (model, writer lock, newest checkpoint + later deltas, index), `resume()`; and,
   apart, `activations.warm` (the activation cache for rollbacks; see BENCHMARKS.md);
-- `memoir ledger verify --json` (the CLI, no torch): wall time and peak RSS (/usr/bin/time);
+- `memoir ledger verify --json` (the CLI, no torch, in the environment as a user has it: no
+  OMP_NUM_THREADS): wall time and peak RSS (/usr/bin/time);
 - a checkpoint of W_m with its index (`Store.checkpoint`), taken after loading.
 
 Index (no model): 10 000 random k-of-D masks at D = 1536 (k = 439, SmolLM2) and D = 14 336
@@ -173,9 +174,9 @@ def run_child(kind: str, root: Path, model: str) -> dict[str, Any]:
 
 def run_verify(root: Path) -> dict[str, Any]:
     started = time.perf_counter()
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}  # as users run it
     proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", sys.executable, "-m", "pipeline.cli", "ledger",
-                           "verify", "--store", str(root), "--json"], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           "verify", "--store", str(root), "--json"], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     rss = [line for line in proc.stderr.splitlines() if line.startswith("MAXRSS ")]
