@@ -1,8 +1,9 @@
 """Checkpoints of W_m: which edits one holds, how loading builds on it, and which ones to keep.
 
 A checkpoint row records its memory version, its file and the file's hash; the file holds W_m,
-the index of the edits it contains (their masks as the ledger's bitmaps, D/8 bytes each) and, aligned with the index's edit ids, the sha256 of the
-delta each one held then (`member_sha256`, 32 bytes a row). The ledger's work per edit is then
+the index of the edits it contains (their masks as the ledger's bitmaps, D/8 bytes each) and,
+aligned with the index's edit ids, the sha256 of the delta each one held then (`member_sha256`,
+32 bytes a row). The ledger's work per edit is then
 the same whatever the history: deciding whether a checkpoint is due reads one number. Rows of
 the old form (before this file existed) list {edit id: delta sha256} in their `members` column
 and files without `member_sha256`: they are read as they are.

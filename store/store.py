@@ -42,8 +42,8 @@ from store.blobs import Blobs, LocalBlobs, open_blobs, put_content_addressed, re
 from store.files import FILE_MODE, private_dir
 from store.jobs import JobRecord
 from store.lock import WriterLock
-from store.parallel import ordered_map
 from store.models import Tables
+from store.parallel import ordered_map
 from store.records import (
     APPLIED,
     APPLYING,
@@ -713,9 +713,9 @@ class Store:
         """W_m holding exactly `edits` (their recorded deltas, added in the order given), built on the
         newest checkpoint taken before memory version `before_version` (None: the newest; 0: none,
         from zeros), on `device` (default the CPU). Rollback and replay rebuild a past memory with it."""
-        from store import tensors
-
         import torch
+
+        from store import tensors
 
         memory = self.get_memory(name)
         checkpoint, loaded = self.base_checkpoint(name, before_version)

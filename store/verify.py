@@ -11,6 +11,10 @@ Errors (an invariant is broken):
   differ from the ledger's.
 Warnings (nothing wrong with the memory): orphan tensor files (a crash between writing a delta
 and committing it; the edit is redone), leftover temp files, queued/applying edits to resume.
+
+Delta files are read, hashed and multiplied out a few at a time in reader threads
+(`store.parallel.ordered_map`), with BLAS held to one thread meanwhile; what is found is reported
+in ledger order, as by one thread.
 """
 
 from __future__ import annotations
@@ -177,17 +181,19 @@ def _verify_memory(store: "Store", memory: Any, live: "MemoryState | None", repo
     # (transposed, so that an edit's k columns are k contiguous rows: 4x faster to add than columns)
     size = memory.intermediate_size
 
-    def read(edit: _Row) -> tuple[dict[str, np.ndarray] | None, str | None, bytes, np.ndarray | None]:
-        """An edit's delta file, checked and multiplied out (in a thread): (tensors, problem, bitmap, Δᵀ)."""
+    def read(edit: _Row) -> tuple[dict[str, np.ndarray] | None, str | None, bytes, bool, np.ndarray | None]:
+        """An edit's delta file checked and multiplied out (in a reader thread): (tensors, problem,
+        mask bitmap, whether it has the memory's shapes, Δᵀ when it counts in the sum)."""
         if not (edit.delta_file and edit.delta_sha256):
-            return None, None, b"", None
+            return None, None, b"", False, None
         tensors, problem = files.fetch(edit.delta_file, edit.delta_sha256)
         if tensors is None:
-            return None, problem, b"", None
-        counted = edit.status == APPLIED and _shapes_ok(tensors, memory)
-        return tensors, None, _bitmap(tensors["mask"], size), _dense_t(tensors) if counted else None
+            return None, problem, b"", False, None
+        fits = _shapes_ok(tensors, memory)
+        counted = fits and edit.status == APPLIED
+        return tensors, None, _bitmap(tensors["mask"], size), fits, _dense_t(tensors) if counted else None
 
-    for edit, (tensors, problem, bitmap, delta_t) in zip(edits, ordered_map(read, edits)):
+    for edit, (tensors, problem, bitmap, fits, delta_t) in zip(edits, ordered_map(read, edits)):
         what = f"edit {edit.id} (seq {edit.seq})"
         _check_status(edit, events[edit.id], memory, prefix + what, errors, warnings)
         if edit.status == APPLIED:
@@ -200,7 +206,7 @@ def _verify_memory(store: "Store", memory: Any, live: "MemoryState | None", repo
                 file_masks[edit.id] = _key(bitmap)
                 if edit.mask_bits is not None and bytes(edit.mask_bits) != bitmap:
                     errors.append(f"{prefix}{what}: the ledger's mask differs from the mask in its delta file")
-                if not _shapes_ok(tensors, memory):
+                if not fits:
                     errors.append(f"{prefix}{what}: its delta file does not have the memory's shapes "
                                   f"(d={memory.hidden_size}, k={memory.top_k})")
                 elif delta_t is not None:
