@@ -177,9 +177,9 @@ def warm(runtime: "Runtime", limit: int | None = WARM_EDITS) -> int:
     its first request. Above the limit nothing is captured at start: a rollback then needs nearly
     every live edit anyway (at k/D ≈ 0.29 each shares a column with any other) and captures what
     it lacks (`ActivationCache.ensure_ids`)."""
+    if limit is not None and runtime.editor.memory.index.edit_count > limit:
+        return 0  # counted in the live index: a start with many edits reads no ledger rows for this
     ids = list(runtime.store.applied_masks(runtime.name))
-    if limit is not None and len(ids) > limit:
-        return 0
     return activation_cache(runtime.editor).ensure_ids(runtime.store, runtime.name, ids)
 
 
